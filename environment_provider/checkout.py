@@ -1,0 +1,369 @@
+"""The checkout of a testrun: IUTs, execution spaces and log areas into one sub-suite per IUT.
+
+Every item is written to its sub-suite key as soon as its provider returns
+it, so a release (by this task on failure, or by whoever comes after a crash)
+finds and checks in everything. The sub-suite JSON itself and the
+backward-compatible `/environment/{environment}/` keys are written last, in
+one transaction per sub-suite, so a reader of `.../suite` sees a complete
+environment or none.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+import uuid
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any
+
+from . import keys
+from .collection import InvalidTestCollectionError, TestSuite, test_suites_of
+from .errors import ConfigurationError, EnvironmentProviderError, ProviderError, TotalTimeoutError
+from .etcd import Database, LeaseKeeper, StorageUnavailableError
+from .events import ProgressLog
+from .keys import EXECUTION_SPACE, IUT, LOG_AREA, Kind
+from .providers.base import CheckoutRequest, Provider, ProviderContext
+from .providers.loader import create_provider
+from .registry import TestrunConfiguration, check_dataset, dumps, load_configuration, testrun_lease, update_record
+from .settings import Settings
+from .splitter import assign_counts, split_round_robin
+
+LOGGER = logging.getLogger(__name__)
+MAX_PREPARE_THREADS = 16
+
+
+@dataclass
+class SuitePlan:
+    """One test suite with its test suite started id, dataset and providers."""
+
+    suite: TestSuite
+    suite_id: str
+    dataset: dict[str, Any]
+    providers: dict[str, Provider] = field(default_factory=dict)
+
+
+class Checkout:
+    """The state of one checkout task; nothing here is shared between tasks."""
+
+    def __init__(
+        self,
+        database: Database,
+        settings: Settings,
+        configuration: TestrunConfiguration,
+        progress: ProgressLog,
+        lease: int,
+        deadline: float,
+    ) -> None:
+        self.database = database
+        self.settings = settings
+        self.configuration = configuration
+        self.testrun_id = configuration.testrun_id
+        self.progress = progress
+        self.lease = lease
+        self.deadline = deadline
+
+    # Planning.
+
+    def plan(self, suites: list[TestSuite], suite_runner_ids: list[str]) -> list[SuitePlan]:
+        """Pair each test suite with its started id and dataset."""
+        if len(suite_runner_ids) > len(suites):
+            raise ConfigurationError(
+                f"got {len(suite_runner_ids)} suite runner ids for {len(suites)} test suites; give at most one per test suite"
+            )
+        suite_ids = [keys.validate_uuid(value, "suite runner id") for value in suite_runner_ids]
+        suite_ids += [str(uuid.uuid4()) for _ in range(len(suites) - len(suite_ids))]
+
+        dataset = self.configuration.dataset
+        check_dataset(dataset, len(suites))
+        datasets = dataset if isinstance(dataset, list) else [dataset] * len(suites)
+        plans = [SuitePlan(suite, suite_id, suite_dataset) for suite, suite_id, suite_dataset in zip(suites, suite_ids, datasets)]
+        for plan in plans:
+            context = self.provider_context(plan.dataset)
+            for kind in (IUT, EXECUTION_SPACE, LOG_AREA):
+                plan.providers[kind.key] = create_provider(kind, self.configuration.provider_definition(kind), context)
+        return plans
+
+    def provider_context(self, dataset: dict[str, Any]) -> ProviderContext:
+        config = self.configuration.config
+        return ProviderContext(
+            testrun_id=self.testrun_id,
+            settings=self.settings,
+            dataset=dataset,
+            identity=config.get("identity", ""),
+            artifact_id=config.get("artifact_id", ""),
+            context=config.get("context", ""),
+            tercc=self.configuration.tercc,
+            progress=self.progress.message,
+        )
+
+    def kind_deadline(self, kind: Kind) -> float:
+        """The earlier of the kind's timeout from now and the testrun's total deadline."""
+        if time.monotonic() >= self.deadline:
+            raise TotalTimeoutError(
+                f"the total timeout of testrun {self.testrun_id} ran out before the {kind.label} checkout; "
+                "raise the 'total' timeout or free up the providers"
+            )
+        return min(time.monotonic() + self.configuration.timeout(kind.key, self.settings), self.deadline)
+
+    # Recording.
+
+    def record_item(self, plan: SuitePlan, environment_id: str, kind: Kind, item: dict[str, Any]) -> None:
+        key = keys.sub_suite_item(self.testrun_id, plan.suite_id, environment_id, kind.key)
+        self.database.put(key, dumps(item), lease=self.lease)
+
+    def forget_item(self, plan: SuitePlan, environment_id: str, kind: Kind) -> None:
+        self.database.delete(keys.sub_suite_item(self.testrun_id, plan.suite_id, environment_id, kind.key))
+
+    def return_items(self, plan: SuitePlan, kind: Kind, items: list[tuple[str, dict[str, Any]]]) -> None:
+        """Check in items the checkout does not use and delete their keys; keep the keys of failures."""
+        provider = plan.providers[kind.key]
+        failures = provider.checkin_all([item for _, item in items])
+        failed = {id(item) for item, _ in failures}
+        for item, error in failures:
+            self.progress.message(f"could not check in an unused {kind.label}: {error}", "warning")
+        for environment_id, item in items:
+            if id(item) not in failed:
+                self.forget_item(plan, environment_id, kind)
+
+    # The stages.
+
+    def checkout_iuts(self, plan: SuitePlan) -> list[tuple[str, dict[str, Any]]]:
+        """Check out this suite's IUTs; return (environment id, IUT) pairs."""
+        runners = plan.suite.recipes_by_runner
+        recipe_count = len(plan.suite.recipes)
+        maximum = plan.dataset.get("maximum_amount", recipe_count)
+        if isinstance(maximum, bool) or not isinstance(maximum, int) or maximum < 1:
+            raise ConfigurationError(f"dataset value maximum_amount={maximum!r} must be a whole number of at least 1")
+        minimum = len(runners)
+        if maximum < minimum:
+            raise ConfigurationError(
+                f"maximum_amount={maximum} is lower than the {minimum} test runners of test suite {plan.suite.name!r}; "
+                f"raise it to at least {minimum}"
+            )
+        maximum = min(maximum, recipe_count)
+
+        checked_out: list[tuple[str, dict[str, Any]]] = []
+
+        def record(item: dict[str, Any]) -> None:
+            environment_id = str(uuid.uuid4())
+            self.record_item(plan, environment_id, IUT, item)
+            checked_out.append((environment_id, item))
+
+        provider = plan.providers[IUT.key]
+        request = CheckoutRequest(minimum, maximum, self.kind_deadline(IUT), {"suite_id": plan.suite_id}, record)
+        self.progress.message(f"checking out {minimum} to {maximum} IUTs from provider {provider.id!r} for test suite {plan.suite.name!r}")
+        items = provider.checkout(request)
+        recorded = {id(item) for _, item in checked_out}
+        for item in items:
+            if id(item) not in recorded:
+                record(item)
+        self.progress.message(f"checked out {len(checked_out)} IUTs from provider {provider.id!r}")
+        return checked_out
+
+    def prepare_iuts(self, plan: SuitePlan, iuts: list[tuple[str, dict[str, Any]]]) -> list[tuple[str, dict[str, Any]]]:
+        """Run the IUT provider's prepare stage for all IUTs at once; check in the IUTs that fail it."""
+        provider = plan.providers[IUT.key]
+        steps = ((provider.definition.get("prepare") or {}).get("stages") or {}).get("environment_provider", {}).get("steps")
+        if type(provider).prepare is Provider.prepare or (provider.definition.get("type", "jsontas") == "jsontas" and not steps):
+            return iuts
+
+        def prepare(pair: tuple[str, dict[str, Any]]) -> tuple[str, dict[str, Any]] | ProviderError:
+            try:
+                return pair[0], provider.prepare(json.loads(json.dumps(pair[1])))
+            except ProviderError as error:
+                return error
+
+        with ThreadPoolExecutor(max_workers=min(MAX_PREPARE_THREADS, len(iuts))) as pool:
+            outcomes = list(pool.map(prepare, iuts))
+
+        prepared, failed = [], []
+        for pair, outcome in zip(iuts, outcomes):
+            if isinstance(outcome, ProviderError):
+                self.progress.message(f"IUT preparation failed, checking the IUT in: {outcome}", "warning")
+                failed.append(pair)
+            else:
+                prepared.append(outcome)
+        if failed:
+            self.return_items(plan, IUT, failed)
+        minimum = len(plan.suite.recipes_by_runner)
+        if len(prepared) < minimum:
+            raise ProviderError(
+                provider.id, "prepare", f"only {len(prepared)} IUTs were prepared but {minimum} are needed"
+            )
+        for environment_id, item in prepared:
+            self.record_item(plan, environment_id, IUT, item)
+        return prepared
+
+    def checkout_one(self, plan: SuitePlan, kind: Kind, values: dict[str, Any], environment_id: str) -> dict[str, Any]:
+        """Check out exactly one execution space or log area for one environment."""
+        provider = plan.providers[kind.key]
+        recorded: list[dict[str, Any]] = []
+
+        def record(item: dict[str, Any]) -> None:
+            self.record_item(plan, environment_id, kind, item)
+            recorded.append(item)
+
+        items = provider.checkout(CheckoutRequest(1, 1, self.kind_deadline(kind), values, record))
+        if len(items) != 1:
+            raise ProviderError(provider.id, "checkout", f"returned {len(items)} {kind.label}s instead of 1")
+        if not recorded:
+            record(items[0])
+        return items[0]
+
+    def build_sub_suites(self, plan: SuitePlan, iuts: list[tuple[str, dict[str, Any]]]) -> list[dict[str, Any]]:
+        """Assign IUTs to test runners, check out their execution spaces and log areas, write the sub-suites."""
+        runners = plan.suite.recipes_by_runner
+        counts = assign_counts({runner: len(recipes) for runner, recipes in runners.items()}, len(iuts))
+        used = sum(counts.values())
+        if used < len(iuts):
+            self.progress.message(f"checking in {len(iuts) - used} IUTs that no test runner needs")
+            self.return_items(plan, IUT, iuts[used:])
+
+        config = self.configuration.config
+        sub_suites = []
+        position = 0
+        for runner, count in counts.items():
+            shares = split_round_robin(runners[runner], count)
+            for recipes in shares:
+                environment_id, iut = iuts[position]
+                position += 1
+                sub_suite_key = keys.sub_suite_item(self.testrun_id, plan.suite_id, environment_id, "suite")
+                values = {
+                    "test_runner": runner,
+                    "iut": iut,
+                    "environment_id": environment_id,
+                    "suite_id": plan.suite_id,
+                    "sub_suite_key": sub_suite_key,
+                }
+                executor = self.checkout_one(plan, EXECUTION_SPACE, values, environment_id)
+                log_area = self.checkout_one(plan, LOG_AREA, {**values, "executor": executor}, environment_id)
+                sub_suite = {
+                    "name": f"{plan.suite.name}_SubSuite_{len(sub_suites)}",
+                    "sub_suite_id": environment_id,
+                    "suite_id": self.testrun_id,
+                    "test_suite_started_id": plan.suite_id,
+                    "priority": plan.suite.priority,
+                    "recipes": recipes,
+                    "test_runner": runner,
+                    "iut": iut,
+                    "executor": executor,
+                    "log_area": log_area,
+                    "artifact": config.get("artifact_id", ""),
+                    "context": config.get("context", ""),
+                }
+                self.database.put_many(
+                    {
+                        sub_suite_key: dumps(sub_suite),
+                        keys.environment_testrun(environment_id): self.testrun_id,
+                        keys.environment_suite(environment_id): plan.suite_id,
+                    },
+                    lease=self.lease,
+                )
+                sub_suites.append(sub_suite)
+                self.progress.message(
+                    f"sub-suite {sub_suite['name']} ready: {len(recipes)} recipes, environment {environment_id}"
+                )
+        return sub_suites
+
+    def run(self, suite_runner_ids: list[str]) -> dict[str, Any]:
+        """Check out every test suite; return the task result. Raises on failure, leaving release to the caller."""
+        suites = test_suites_of(self.configuration.tercc)
+        plans = self.plan(suites, suite_runner_ids)
+        update_record(
+            self.database, self.testrun_id, self.lease, suite_ids=[plan.suite_id for plan in plans]
+        )
+        self.configuration.record["suite_ids"] = [plan.suite_id for plan in plans]
+
+        result = []
+        for plan in plans:
+            iuts = self.checkout_iuts(plan)
+            iuts = self.prepare_iuts(plan, iuts)
+            result.append({"suite_name": plan.suite.name, "sub_suites": self.build_sub_suites(plan, iuts)})
+        return {"suites": result, "error": None}
+
+
+def failure_result(error: BaseException) -> dict[str, Any]:
+    """The task result for a failed checkout: a one-line reason and details."""
+    reason = str(error).splitlines()[0] if str(error) else type(error).__name__
+    return {"error": reason, "details": f"{type(error).__name__}: {error}"}
+
+
+def checkout_testrun(
+    database: Database, settings: Settings, testrun_id: str, suite_runner_ids: list[str], task_id: str | None
+) -> dict[str, Any]:
+    """Run the checkout of a testrun as the task with id `task_id`; return the task result.
+
+    On any failure everything already checked out is checked in before the
+    error result is returned. Bad input (an invalid id, an unconfigured
+    testrun) returns an error result without writing anything.
+    """
+    from celery.exceptions import SoftTimeLimitExceeded
+
+    from .release import release_testrun
+
+    try:
+        testrun_id = keys.validate_uuid(testrun_id, "testrun id")
+        if task_id is not None:
+            task_id = keys.validate_uuid(task_id, "task id")
+        if not isinstance(suite_runner_ids, list):
+            raise ConfigurationError(f"suite_runner_ids must be a list of UUIDs; got {type(suite_runner_ids).__name__}")
+        configuration = load_configuration(database, testrun_id)
+    except (keys.InvalidIdError, ConfigurationError) as error:
+        LOGGER.error("checkout of testrun %r rejected: %s", testrun_id, error)
+        return failure_result(error)
+
+    lease = configuration.lease or testrun_lease(database, testrun_id, settings)
+    progress = ProgressLog(database, testrun_id, lease)
+    if task_id is not None:
+        database.put_many({keys.task_id(testrun_id): task_id, keys.task_testrun(task_id): testrun_id}, lease=lease)
+    update_record(database, testrun_id, lease, status="checking out", task_id=task_id)
+
+    if configuration.sub_suite_keys:
+        progress.message("releasing the environments of an earlier checkout of this testrun first")
+        release_testrun(database, settings, testrun_id)
+        configuration = load_configuration(database, testrun_id)
+
+    started = time.monotonic()
+    deadline = started + configuration.timeout("total", settings)
+    checkout = Checkout(database, settings, configuration, progress, lease, deadline)
+    with LeaseKeeper(database, lease, interval=max(1.0, min(60.0, settings.testrun_ttl / 3))):
+        try:
+            result = checkout.run(suite_runner_ids)
+        except (EnvironmentProviderError, InvalidTestCollectionError, StorageUnavailableError, SoftTimeLimitExceeded) as error:
+            if isinstance(error, SoftTimeLimitExceeded):
+                error = TotalTimeoutError(f"the checkout of testrun {testrun_id} hit the task's time limit")
+            return fail(database, settings, testrun_id, lease, progress, error)
+        except BaseException:
+            LOGGER.exception("checkout of testrun %s failed unexpectedly; releasing what it checked out", testrun_id)
+            release_testrun(database, settings, testrun_id)
+            update_record(database, testrun_id, lease, status="failed")
+            progress.finish("failed", error="internal error; see the worker log")
+            raise
+
+    count = sum(len(suite["sub_suites"]) for suite in result["suites"])
+    update_record(database, testrun_id, lease, status="checked out")
+    progress.finish("checked out", sub_suites=count, seconds=round(time.monotonic() - started, 3))
+    LOGGER.info("testrun %s: checked out %d sub-suites in %.3f s", testrun_id, count, time.monotonic() - started)
+    return result
+
+
+def fail(
+    database: Database, settings: Settings, testrun_id: str, lease: int, progress: ProgressLog, error: BaseException
+) -> dict[str, Any]:
+    """Release what the checkout holds, record the failure and return the error result."""
+    from .release import release_testrun
+
+    progress.message(f"checkout failed: {error}", "error")
+    result = failure_result(error)
+    try:
+        report = release_testrun(database, settings, testrun_id)
+    except StorageUnavailableError as storage_error:
+        result["details"] += f"; release after the failure could not run: {storage_error}"
+    else:
+        if report.failures:
+            result["details"] += "; release after the failure was incomplete: " + "; ".join(report.failures)
+    update_record(database, testrun_id, lease, status="failed", error=result["error"])
+    progress.finish("failed", error=result["error"])
+    return result

@@ -1,0 +1,160 @@
+"""The `jsontas` provider type: list, checkout, checkin and prepare stages written as JSONTas rulesets."""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import Any
+
+from ..errors import CheckinError, CheckoutTimeoutError, NoItemsError, ProviderError
+from .base import CheckoutRequest, Provider
+from .rulesets import RulesetError, evaluate
+
+LOGGER = logging.getLogger(__name__)
+MAX_BACKOFF = 2.0
+
+
+def failed_response(result: Any) -> bool:
+    """Tell whether `result` is a `$request` response with an HTTP error status."""
+    return isinstance(result, dict) and "status_code" in result and result.get("ok") is False
+
+
+class JsontasProvider(Provider):
+    """A provider whose stages are JSONTas rulesets in its definition."""
+
+    def values(self, extra: dict[str, Any]) -> dict[str, Any]:
+        """Build the dataset a ruleset sees: the testrun's values, then `extra`."""
+        context = self.context
+        values: dict[str, Any] = {}
+        values.update(context.settings_environment())
+        values.update(context.dataset)
+        values.update(
+            {
+                "dataset": context.dataset,
+                "identity": context.identity_object(),
+                "artifact_id": context.artifact_id,
+                "context": context.context,
+                "tercc": context.tercc,
+                "testrun_id": context.testrun_id,
+            }
+        )
+        values.update(extra)
+        return values
+
+    def run_stage(self, stage: str, ruleset: Any, extra: dict[str, Any]) -> Any:
+        try:
+            return evaluate(ruleset, self.values(extra), self.context.settings)
+        except RulesetError as error:
+            raise ProviderError(self.id, stage, str(error)) from None
+
+    def list(self, amount: int, extra: dict[str, Any]) -> tuple[list[Any], list[Any]]:
+        """Evaluate the `list` stage; return the possible and the available items."""
+        result = self.run_stage("list", self.definition["list"], {**extra, "amount": amount})
+        possible = result.get("possible") if isinstance(result, dict) else None
+        available = result.get("available") if isinstance(result, dict) else None
+        for name, value in (("possible", possible), ("available", available)):
+            if not isinstance(value, list):
+                raise ProviderError(
+                    self.id, "list", f"'{name}' evaluated to {type(value).__name__}, not a list; check the ruleset"
+                )
+        return possible, available
+
+    def checkout(self, request: CheckoutRequest) -> list[dict[str, Any]]:
+        delay = 0.05
+        reported_wait = False
+        while True:
+            possible, available = self.list(request.maximum, request.values)
+            if not possible:
+                raise NoItemsError(
+                    self.id, "list", f"no possible {self.kind.label}s for this testrun; check the provider's list stage and the dataset"
+                )
+            if len(possible) < request.minimum:
+                raise NoItemsError(
+                    self.id,
+                    "list",
+                    f"only {len(possible)} possible {self.kind.label}s but {request.minimum} are needed",
+                )
+
+            failures: list[str] = []
+            if len(available) >= request.minimum:
+                items = self._checkout_items(available, request, failures)
+                if len(items) >= request.minimum:
+                    return items
+                for _, error in self.checkin_all(items):
+                    LOGGER.warning("testrun %s: %s", self.context.testrun_id, error)
+
+            if time.monotonic() + delay >= request.deadline:
+                reasons = f"; last failures: {'; '.join(failures[:3])}" if failures else ""
+                raise CheckoutTimeoutError(
+                    self.id,
+                    "checkout",
+                    f"timed out waiting for {request.minimum} available {self.kind.label}s "
+                    f"({len(available)} of {len(possible)} available){reasons}",
+                )
+            if not reported_wait:
+                self.context.progress(
+                    f"waiting for {request.minimum} available {self.kind.label}s from provider {self.id!r} "
+                    f"({len(available)} of {len(possible)} available)"
+                )
+                reported_wait = True
+            time.sleep(delay)
+            delay = min(delay * 2, MAX_BACKOFF)
+
+    def _checkout_items(
+        self, available: list[Any], request: CheckoutRequest, failures: list[str]
+    ) -> list[dict[str, Any]]:
+        items: list[dict[str, Any]] = []
+        stage = self.definition.get("checkout")
+        for candidate in available:
+            if len(items) >= request.maximum:
+                break
+            if not isinstance(candidate, dict):
+                failures.append(f"listed item {candidate!r} is not an object")
+                continue
+            item = dict(candidate)
+            if stage is not None:
+                try:
+                    result = self.run_stage("checkout", stage, {**request.values, self.kind.dataset_key: item})
+                except ProviderError as error:
+                    failures.append(str(error))
+                    continue
+                if not isinstance(result, dict) or failed_response(result):
+                    failures.append(f"{self.kind.label} {self.describe(item)}: {result!r}"[:300])
+                    continue
+                item.update(result)
+            item["provider_id"] = self.id
+            if self.kind.key == "iut" and "identity" not in item and self.context.identity:
+                item["identity"] = self.context.identity
+            request.record(item)
+            items.append(item)
+        return items
+
+    @staticmethod
+    def describe(item: dict[str, Any]) -> str:
+        for key in ("id", "serial", "name", "identifier"):
+            if key in item:
+                return f"{key}={item[key]!r}"
+        return "(unnamed)"
+
+    def checkin(self, item: dict[str, Any]) -> None:
+        stage = self.definition.get("checkin")
+        if stage is None:
+            return
+        try:
+            result = self.run_stage("checkin", stage, {self.kind.dataset_key: item})
+        except ProviderError as error:
+            raise CheckinError(self.id, "checkin", f"{self.describe(item)}: {error}") from None
+        if not result or failed_response(result):
+            raise CheckinError(self.id, "checkin", f"{self.describe(item)}: the ruleset returned {result!r}"[:300])
+
+    def prepare(self, item: dict[str, Any]) -> dict[str, Any]:
+        steps = (
+            ((self.definition.get("prepare") or {}).get("stages") or {}).get("environment_provider") or {}
+        ).get("steps") or {}
+        results: dict[str, Any] = {}
+        for name, ruleset in steps.items():
+            result = self.run_stage(f"prepare step {name!r}", ruleset, {self.kind.dataset_key: item, "steps": results})
+            if not result or failed_response(result):
+                raise ProviderError(self.id, f"prepare step {name!r}", f"{self.describe(item)}: the step returned {result!r}"[:300])
+            results[name] = result
+        return item

@@ -1,0 +1,77 @@
+"""JSON Schema validation and size bounds for documents from users."""
+
+from __future__ import annotations
+
+import functools
+import json
+from importlib import resources
+from typing import Any
+
+import jsonschema
+from referencing import Registry, Resource
+
+MAX_DOCUMENT_BYTES = 4 * 1024 * 1024
+MAX_DEPTH = 64
+
+
+class InvalidDocumentError(ValueError):
+    """A document failed validation; the message names the JSON path and the reason."""
+
+
+@functools.cache
+def _schema_registry() -> tuple[Registry, dict[str, Any]]:
+    schemas = {}
+    registry: Registry = Registry()
+    for name in ("provider.json", "tercc.json", "test-collection.json"):
+        schema = json.loads(resources.files(__package__).joinpath("schemas", name).read_text())
+        schemas[name] = schema
+        registry = registry.with_resource(schema["$id"], Resource.from_contents(schema))
+    return registry, schemas
+
+
+def _depth(value: Any, limit: int) -> int:
+    """Return the nesting depth of `value`, stopping once it passes `limit`."""
+    stack = [(value, 1)]
+    deepest = 0
+    while stack:
+        item, depth = stack.pop()
+        deepest = max(deepest, depth)
+        if deepest > limit:
+            return deepest
+        if isinstance(item, dict):
+            stack.extend((child, depth + 1) for child in item.values())
+        elif isinstance(item, list):
+            stack.extend((child, depth + 1) for child in item)
+    return deepest
+
+
+def check_bounds(document: Any, what: str) -> None:
+    """Reject documents nested deeper than MAX_DEPTH levels."""
+    if _depth(document, MAX_DEPTH) > MAX_DEPTH:
+        raise InvalidDocumentError(f"{what} is nested deeper than {MAX_DEPTH} levels; flatten it")
+
+
+def parse_json(text: str | bytes, what: str) -> Any:
+    """Parse JSON text of at most MAX_DOCUMENT_BYTES; raise InvalidDocumentError naming `what`."""
+    if len(text) > MAX_DOCUMENT_BYTES:
+        raise InvalidDocumentError(
+            f"{what} is {len(text)} bytes, more than the limit of {MAX_DOCUMENT_BYTES} bytes"
+        )
+    try:
+        document = json.loads(text)
+    except RecursionError:
+        raise InvalidDocumentError(f"{what} is nested too deeply to parse") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise InvalidDocumentError(f"{what} is not valid JSON: {error}") from None
+    check_bounds(document, what)
+    return document
+
+
+def validate(document: Any, schema_name: str, what: str) -> None:
+    """Validate `document` against a bundled schema; the error names the first failing JSON path."""
+    check_bounds(document, what)
+    registry, schemas = _schema_registry()
+    validator = jsonschema.Draft202012Validator(schemas[schema_name], registry=registry)
+    error = jsonschema.exceptions.best_match(validator.iter_errors(document))
+    if error is not None:
+        raise InvalidDocumentError(f"{what} is invalid at {error.json_path}: {error.message}")
