@@ -14,9 +14,14 @@ LOGGER = logging.getLogger(__name__)
 MAX_BACKOFF = 2.0
 
 
+def is_response(result: Any) -> bool:
+    """Tell whether `result` is the object a `$request` returns."""
+    return isinstance(result, dict) and "status_code" in result and "ok" in result and "json" in result
+
+
 def failed_response(result: Any) -> bool:
     """Tell whether `result` is a `$request` response with an HTTP error status."""
-    return isinstance(result, dict) and "status_code" in result and result.get("ok") is False
+    return is_response(result) and result["ok"] is False
 
 
 class JsontasProvider(Provider):
@@ -121,6 +126,9 @@ class JsontasProvider(Provider):
                 if not isinstance(result, dict) or failed_response(result):
                     failures.append(f"{self.kind.label} {self.describe(item)}: {result!r}"[:300])
                     continue
+                # A `$request` response stands for its JSON body; headers and status are not item fields.
+                if is_response(result):
+                    result = result["json"] if isinstance(result["json"], dict) else {}
                 item.update(result)
             item["provider_id"] = self.id
             if self.kind.key == "iut" and "identity" not in item and self.context.identity:

@@ -154,7 +154,8 @@ class Request(RecordedDataStructure):
 
     Sends one HTTP request and returns the response as a JSON object
     (`status_code`, `reason`, `ok`, `headers`, `content`, `json`, `url`),
-    also stored as `$response`. Connection errors are retried with backoff
+    also stored as `$response`. The testrun id goes along as header
+    `X-ETOS-ID` unless the ruleset sets it. Connection errors are retried with backoff
     until `timeout` seconds (default ENVIRONMENT_PROVIDER_REQUEST_TIMEOUT)
     have passed; then the request fails.
     """
@@ -178,7 +179,10 @@ class Request(RecordedDataStructure):
                 else httpx.BasicAuth(username, password)
             )
 
-        response = self._send(method, url, timeout, auth)
+        headers = dict(self.data.get("headers") or {})
+        if self.dataset.get("testrun_id") and not any(name.lower() == "x-etos-id" for name in headers):
+            headers["X-ETOS-ID"] = str(self.dataset.get("testrun_id"))
+        response = self._send(method, url, timeout, auth, headers)
         data = {
             "status_code": response.status_code,
             "reason": response.reason_phrase,
@@ -197,7 +201,7 @@ class Request(RecordedDataStructure):
         self.dataset.add("response", data)
         return None, data
 
-    def _send(self, method: str, url: str, timeout: float, auth: Any) -> httpx.Response:
+    def _send(self, method: str, url: str, timeout: float, auth: Any, headers: dict[str, Any]) -> httpx.Response:
         deadline = time.monotonic() + timeout
         delay = 0.05
         while True:
@@ -208,7 +212,7 @@ class Request(RecordedDataStructure):
                     json=self.data.get("json"),
                     data=self.data.get("data") if isinstance(self.data.get("data"), (dict, str)) else None,
                     params=self.data.get("params"),
-                    headers=self.data.get("headers"),
+                    headers=headers,
                     auth=auth,
                     timeout=max(0.1, min(timeout, deadline - time.monotonic())),
                 )
