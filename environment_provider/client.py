@@ -7,6 +7,7 @@ import time
 import uuid
 from typing import Any, Callable
 
+import redis.exceptions
 from celery import Celery
 from kombu.exceptions import OperationalError
 
@@ -30,6 +31,24 @@ def broker_error(settings: Settings, error: Exception) -> BrokerUnavailableError
     )
 
 
+def check_broker(app: Celery, settings: Settings, timeout: float = 2.0) -> None:
+    """Raise BrokerUnavailableError unless the broker and the result backend answer within `timeout` seconds."""
+    try:
+        with app.connection_for_write() as connection:
+            connection.ensure_connection(max_retries=1, interval_start=0, timeout=timeout)
+    except (OperationalError, OSError) as error:
+        raise broker_error(settings, error) from None
+    backend_client = getattr(app.backend, "client", None)
+    if backend_client is not None and hasattr(backend_client, "ping"):
+        try:
+            backend_client.ping()
+        except (redis.exceptions.RedisError, OSError) as error:
+            raise BrokerUnavailableError(
+                f"the Celery result backend at {settings.result_backend} is not reachable ({error}); "
+                "start Redis or set CELERY_RESULT_BACKEND"
+            ) from None
+
+
 def enqueue_checkout(app: Celery, database: Database, settings: Settings, testrun_id: str, suite_runner_ids: list[str]) -> str:
     """Send the checkout task for a configured testrun; return its task id.
 
@@ -42,6 +61,7 @@ def enqueue_checkout(app: Celery, database: Database, settings: Settings, testru
     configuration = load_configuration(database, testrun_id)
     total = configuration.timeout("total", settings)
 
+    check_broker(app, settings)
     task_id = str(uuid.uuid4())
     try:
         app.send_task(
@@ -53,7 +73,8 @@ def enqueue_checkout(app: Celery, database: Database, settings: Settings, testru
             retry=True,
             retry_policy={"max_retries": 2, "interval_start": 0, "interval_step": 0.5, "interval_max": 1},
         )
-    except OperationalError as error:
+    except (OperationalError, RuntimeError) as error:
+        # The Redis result backend raises RuntimeError once its reconnection attempts run out.
         raise broker_error(settings, error) from None
 
     lease = configuration.lease or testrun_lease(database, testrun_id, settings)
