@@ -19,14 +19,14 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from . import keys
-from .collection import InvalidTestCollectionError, TestSuite, test_suites_of
-from .errors import ConfigurationError, EnvironmentProviderError, ProviderError, TotalTimeoutError
-from .etcd import Database, LeaseKeeper, StorageUnavailableError
+from .collection import TestSuite, test_suites_of
+from .errors import ConfigurationError, ProviderError, TotalTimeoutError
+from .etcd import Database
 from .events import ProgressLog
 from .keys import EXECUTION_SPACE, IUT, LOG_AREA, Kind
 from .providers.base import CheckoutRequest, Provider, ProviderContext
 from .providers.loader import create_provider
-from .registry import TestrunConfiguration, check_dataset, dumps, load_configuration, testrun_lease, update_record
+from .registry import TestrunConfiguration, check_dataset, dumps, update_record
 from .settings import Settings
 from .splitter import assign_counts, split_round_robin
 
@@ -289,81 +289,3 @@ def failure_result(error: BaseException) -> dict[str, Any]:
     reason = str(error).splitlines()[0] if str(error) else type(error).__name__
     return {"error": reason, "details": f"{type(error).__name__}: {error}"}
 
-
-def checkout_testrun(
-    database: Database, settings: Settings, testrun_id: str, suite_runner_ids: list[str], task_id: str | None
-) -> dict[str, Any]:
-    """Run the checkout of a testrun as the task with id `task_id`; return the task result.
-
-    On any failure everything already checked out is checked in before the
-    error result is returned. Bad input (an invalid id, an unconfigured
-    testrun) returns an error result without writing anything.
-    """
-    from celery.exceptions import SoftTimeLimitExceeded
-
-    from .release import release_testrun
-
-    try:
-        testrun_id = keys.validate_uuid(testrun_id, "testrun id")
-        if task_id is not None:
-            task_id = keys.validate_uuid(task_id, "task id")
-        if not isinstance(suite_runner_ids, list):
-            raise ConfigurationError(f"suite_runner_ids must be a list of UUIDs; got {type(suite_runner_ids).__name__}")
-        configuration = load_configuration(database, testrun_id)
-    except (keys.InvalidIdError, ConfigurationError) as error:
-        LOGGER.error("checkout of testrun %r rejected: %s", testrun_id, error)
-        return failure_result(error)
-
-    lease = configuration.lease or testrun_lease(database, testrun_id, settings)
-    progress = ProgressLog(database, testrun_id, lease)
-    if task_id is not None:
-        database.put_many({keys.task_id(testrun_id): task_id, keys.task_testrun(task_id): testrun_id}, lease=lease)
-    update_record(database, testrun_id, lease, status="checking out", task_id=task_id)
-
-    if configuration.sub_suite_keys:
-        progress.message("releasing the environments of an earlier checkout of this testrun first")
-        release_testrun(database, settings, testrun_id)
-        configuration = load_configuration(database, testrun_id)
-
-    started = time.monotonic()
-    deadline = started + configuration.timeout("total", settings)
-    checkout = Checkout(database, settings, configuration, progress, lease, deadline)
-    with LeaseKeeper(database, lease, interval=max(1.0, min(60.0, settings.testrun_ttl / 3))):
-        try:
-            result = checkout.run(suite_runner_ids)
-        except (EnvironmentProviderError, InvalidTestCollectionError, StorageUnavailableError, SoftTimeLimitExceeded) as error:
-            if isinstance(error, SoftTimeLimitExceeded):
-                error = TotalTimeoutError(f"the checkout of testrun {testrun_id} hit the task's time limit")
-            return fail(database, settings, testrun_id, lease, progress, error)
-        except BaseException:
-            LOGGER.exception("checkout of testrun %s failed unexpectedly; releasing what it checked out", testrun_id)
-            release_testrun(database, settings, testrun_id)
-            update_record(database, testrun_id, lease, status="failed")
-            progress.finish("failed", error="internal error; see the worker log")
-            raise
-
-    count = sum(len(suite["sub_suites"]) for suite in result["suites"])
-    update_record(database, testrun_id, lease, status="checked out")
-    progress.finish("checked out", sub_suites=count, seconds=round(time.monotonic() - started, 3))
-    LOGGER.info("testrun %s: checked out %d sub-suites in %.3f s", testrun_id, count, time.monotonic() - started)
-    return result
-
-
-def fail(
-    database: Database, settings: Settings, testrun_id: str, lease: int, progress: ProgressLog, error: BaseException
-) -> dict[str, Any]:
-    """Release what the checkout holds, record the failure and return the error result."""
-    from .release import release_testrun
-
-    progress.message(f"checkout failed: {error}", "error")
-    result = failure_result(error)
-    try:
-        report = release_testrun(database, settings, testrun_id)
-    except StorageUnavailableError as storage_error:
-        result["details"] += f"; release after the failure could not run: {storage_error}"
-    else:
-        if report.failures:
-            result["details"] += "; release after the failure was incomplete: " + "; ".join(report.failures)
-    update_record(database, testrun_id, lease, status="failed", error=result["error"])
-    progress.finish("failed", error=result["error"])
-    return result

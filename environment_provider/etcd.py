@@ -152,6 +152,11 @@ class Database:
         return self.client.lease(ttl).id
 
     @_translate_errors
+    def revoke_lease(self, lease_id: int) -> None:
+        """Revoke a lease, deleting every key attached to it."""
+        self.client.revoke_lease(lease_id)
+
+    @_translate_errors
     def lease_remaining(self, lease_id: int) -> int:
         """Return the seconds left on a lease; -1 when it has expired or does not exist."""
         response = self.client.get_lease_info(lease_id)
@@ -185,17 +190,17 @@ class Database:
 
 
 class LeaseKeeper:
-    """Refresh a lease from a background thread while a task works on its testrun."""
+    """Refresh leases from a background thread while a task works on its testrun."""
 
-    def __init__(self, database: Database, lease_id: int, interval: float) -> None:
+    def __init__(self, database: Database, lease_ids: list[int], interval: float) -> None:
         self._database = database
-        self._lease_id = lease_id
+        self._lease_ids = [lease_id for lease_id in lease_ids if lease_id]
         self._interval = interval
         self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, name=f"lease-{lease_id}", daemon=True)
+        self._thread = threading.Thread(target=self._run, name="lease-keeper", daemon=True)
 
     def __enter__(self) -> "LeaseKeeper":
-        if self._lease_id:
+        if self._lease_ids:
             self._thread.start()
         return self
 
@@ -206,7 +211,8 @@ class LeaseKeeper:
 
     def _run(self) -> None:
         while not self._stop.wait(self._interval):
-            try:
-                self._database.refresh_lease(self._lease_id)
-            except StorageUnavailableError as error:
-                LOGGER.warning("could not refresh lease %x: %s", self._lease_id, error)
+            for lease_id in self._lease_ids:
+                try:
+                    self._database.refresh_lease(lease_id)
+                except StorageUnavailableError as error:
+                    LOGGER.warning("could not refresh lease %x: %s", lease_id, error)

@@ -13,6 +13,8 @@ Keys and their values (all UTF-8; JSON is compact):
     /testrun/{testrun}/provider/{kind}          copy of the chosen provider definition
     /testrun/{testrun}/provider/dataset         dataset JSON: object, or list per test suite
     /testrun/{testrun}/environment-provider/task-id   Celery task id
+    /testrun/{testrun}/environment-provider/claim     the task attempt working on the testrun
+                                                (JSON; on its own short lease, see claim.py)
     /testrun/{testrun}/suite/{suite}/subsuite/{environment}/{item}
                                                 item = iut, execution-space, log-area (JSON)
                                                 or suite (the sub-suite JSON)
@@ -161,6 +163,19 @@ def dataset(testrun_id: str) -> str:
 
 def task_id(testrun_id: str) -> str:
     return testrun(testrun_id) + "/environment-provider/task-id"
+
+
+def claim(testrun_id: str) -> str:
+    """Key held, on a short lease of its own, by the one task attempt that works on the testrun."""
+    return testrun(testrun_id) + "/environment-provider/claim"
+
+
+def testruns_prefix() -> str:
+    return "/testrun/"
+
+
+def environments_prefix() -> str:
+    return "/environment/"
 
 
 def suites_prefix(testrun_id: str) -> str:

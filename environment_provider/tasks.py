@@ -5,20 +5,37 @@ from __future__ import annotations
 import logging
 from typing import Any
 
+from celery.exceptions import Ignore
+
+from .attempt import DuplicateDeliveryError, checkout_testrun
 from .celery_app import SETTINGS, app
-from .checkout import checkout_testrun
-from .etcd import Database
+from .checkout import failure_result
+from .etcd import Database, StorageUnavailableError
 from .keys import InvalidIdError
 from .release import release_environment, release_task, release_testrun
 
 LOGGER = logging.getLogger(__name__)
 DATABASE = Database(SETTINGS)
+# etcd outages are retried 6 times, waiting 1, 2, 4, 8, 10 and 10 s: about 35 s in all.
+STORAGE_RETRIES = 6
+MAX_RETRY_DELAY = 10
 
 
 @app.task(name="EnvironmentProvider", bind=True)
 def environment_provider(self: Any, suite_id: str, suite_runner_ids: list[str] | None = None) -> dict[str, Any]:
-    """Check out the environment of testrun `suite_id`; see checkout.checkout_testrun."""
-    return checkout_testrun(DATABASE, SETTINGS, suite_id, suite_runner_ids or [], self.request.id)
+    """Check out the environment of testrun `suite_id`; see attempt.checkout_testrun."""
+    try:
+        return checkout_testrun(DATABASE, SETTINGS, suite_id, suite_runner_ids or [], self.request.id)
+    except DuplicateDeliveryError as duplicate:
+        LOGGER.warning("ignoring a second delivery: %s", duplicate)
+        raise Ignore() from None
+    except StorageUnavailableError as error:
+        if self.request.retries < STORAGE_RETRIES:
+            delay = min(2**self.request.retries, MAX_RETRY_DELAY)
+            LOGGER.warning("testrun %s: %s; retrying in %d s", suite_id, error, delay)
+            raise self.retry(countdown=delay, max_retries=STORAGE_RETRIES) from None
+        LOGGER.error("testrun %s: giving up after %d retries: %s", suite_id, STORAGE_RETRIES, error)
+        return failure_result(error)
 
 
 @app.task(name="EnvironmentProviderRelease")
