@@ -28,4 +28,8 @@ app.conf.update(
     result_backend_transport_options={"retry_policy": {"timeout": 5.0}},
     broker_connection_retry_on_startup=True,
     worker_hijack_root_logger=False,
+    # Run by `environment-provider beat` (or a worker started with --beat).
+    beat_schedule={
+        "release-expiring-testruns": {"task": "EnvironmentProviderSweep", "schedule": SETTINGS.sweep_interval},
+    },
 )

@@ -218,6 +218,22 @@ class Commands:
         os.execv(sys.executable, command)
         return 0  # not reached
 
+    def beat(self, args: argparse.Namespace) -> int:
+        options = list(args.celery_options)
+        if options[:1] == ["--"]:
+            options = options[1:]
+        command = [sys.executable, "-m", "celery", "-A", "environment_provider.celery_app", "beat", *options]
+        os.execv(sys.executable, command)
+        return 0  # not reached
+
+    def sweep(self, args: argparse.Namespace) -> int:
+        from .release import sweep
+
+        margin = args.margin if args.margin is not None else 3 * self.settings.sweep_interval
+        released = sweep(self.database, self.settings, margin)
+        print_json({"released": released}) if args.json else print(f"released {len(released)} expiring testruns")
+        return 0
+
     def local(self, args: argparse.Namespace) -> int:
         from .local import LocalStack
 
@@ -326,6 +342,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     worker = commands.add_parser("worker", help="run a Celery worker; other options go to 'celery worker'")
     worker.add_argument("celery_options", nargs=argparse.REMAINDER, help="options for celery worker, e.g. --concurrency 4")
+
+    beat = commands.add_parser("beat", help="run Celery beat, which schedules the sweep of expiring testruns")
+    beat.add_argument("celery_options", nargs=argparse.REMAINDER, help="options for celery beat")
+
+    sweep = commands.add_parser("sweep", help="release testruns whose lease is about to expire, once")
+    sweep.add_argument("--margin", type=float, metavar="SECONDS", help="release when fewer seconds are left (default 3 sweep intervals)")
+    sweep.add_argument("--json", action="store_true")
 
     local = commands.add_parser("local", help="run etcd and Redis on free 127.0.0.1 ports until Ctrl-C")
     local.add_argument("--etcd-members", type=int, default=1, help="etcd cluster size (default 1)")

@@ -236,8 +236,17 @@ class LocalStack:
         self.redis = self._spawn("redis", command, self.redis.port)
         self._wait_for_port(self.redis)
 
-    def start_worker(self, concurrency: int = 2, name: str | None = None, extra_env: dict[str, str] | None = None) -> Server:
-        """Start a Celery worker process for this stack and wait until it runs tasks."""
+    def start_worker(
+        self,
+        concurrency: int = 2,
+        name: str | None = None,
+        extra_env: dict[str, str] | None = None,
+        queue: str | None = None,
+    ) -> Server:
+        """Start a Celery worker process for this stack and wait until it runs tasks.
+
+        With `queue`, the worker consumes only that queue instead of the default one.
+        """
         name = name or f"worker{len(self.workers) + 1}"
         env = {**os.environ, **self.environment(), **(extra_env or {})}
         command = [
@@ -245,18 +254,25 @@ class LocalStack:
             "--pool", "prefork", "--concurrency", str(concurrency), "--hostname", f"{name}@%h",
             "--without-gossip", "--without-mingle", "--without-heartbeat", "--loglevel", "INFO",
         ]  # fmt: skip
+        if queue:
+            command += ["--queues", queue]
         worker = self._spawn(name, command, 0, env)
         self.workers.append(worker)
-        self.wait_for_worker(worker)
+        self.wait_for_worker(worker, queue)
         return worker
 
-    def wait_for_worker(self, worker: Server) -> None:
+    def stop_worker(self, worker: Server) -> None:
+        worker.stop(timeout=15)
+        if worker in self.workers:
+            self.workers.remove(worker)
+
+    def wait_for_worker(self, worker: Server, queue: str | None = None) -> None:
         from celery import Celery
 
         app = Celery(broker=self.redis_url, backend=self.redis_url)
         deadline = time.monotonic() + START_TIMEOUT
         try:
-            result = app.send_task("EnvironmentProviderPing")
+            result = app.send_task("EnvironmentProviderPing", queue=queue) if queue else app.send_task("EnvironmentProviderPing")
             while time.monotonic() < deadline:
                 if worker.process.poll() is not None:
                     raise StackError(f"{worker.name} exited with status {worker.process.returncode}:\n{worker.log_tail()}")

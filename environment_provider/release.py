@@ -174,3 +174,26 @@ def release_environment(database: Database, settings: Settings, environment_id: 
         return ReleaseReport(failures=[f"environment {environment_id}: {error}"])
     values = database.get_prefix(keys.sub_suite_prefix(testrun_id, suite_id, environment_id))
     return release_sub_suite(database, settings, configuration, suite_id, environment_id, values)
+
+
+def sweep(database: Database, settings: Settings, margin: float) -> list[str]:
+    """Release every testrun with environments whose lease has less than `margin` seconds left.
+
+    When a testrun's lease expires, etcd deletes its keys, the copies of its
+    provider definitions included, and nothing could check its items in any
+    more. The sweep releases such testruns while that is still possible.
+    A testrun claimed by a running task is left alone.
+    """
+    testruns = sorted({parsed.testrun_id for key in database.keys_prefix(keys.testruns_prefix()) if (parsed := keys.parse_sub_suite_key(key))})
+    released = []
+    for testrun_id in testruns:
+        _, lease = database.get_with_lease(keys.testrun(testrun_id))
+        remaining = database.lease_remaining(lease) if lease else -1
+        if remaining > margin or database.get(keys.claim(testrun_id)) is not None:
+            continue
+        LOGGER.warning("testrun %s: lease has %d s left with environments checked out; releasing it", testrun_id, remaining)
+        report = release_testrun(database, settings, testrun_id)
+        if report.failures:
+            LOGGER.error("testrun %s: sweep release incomplete: %s", testrun_id, "; ".join(report.failures))
+        released.append(testrun_id)
+    return released

@@ -60,6 +60,8 @@ class Settings:
     request_allowed_hosts: tuple[str, ...] = ()
     request_timeout: float = 10.0
     api_token: str | None = None
+    sweep_interval: float = 300.0
+    etcd_retries: int = 6
 
     @property
     def etcd_addresses(self) -> str:
@@ -116,4 +118,6 @@ class Settings:
             request_allowed_hosts=tuple(_split_list(env.get("ENVIRONMENT_PROVIDER_REQUEST_ALLOWED_HOSTS"))),
             request_timeout=_positive_float(env, "ENVIRONMENT_PROVIDER_REQUEST_TIMEOUT", 10),
             api_token=env.get("ENVIRONMENT_PROVIDER_API_TOKEN") or None,
+            sweep_interval=_positive_float(env, "ENVIRONMENT_PROVIDER_SWEEP_INTERVAL", 300),
+            etcd_retries=int(_positive_float(env, "ENVIRONMENT_PROVIDER_ETCD_RETRIES", 6)),
         )

@@ -12,12 +12,11 @@ from .celery_app import SETTINGS, app
 from .checkout import failure_result
 from .etcd import Database, StorageUnavailableError
 from .keys import InvalidIdError
-from .release import release_environment, release_task, release_testrun
+from .release import release_environment, release_task, release_testrun, sweep
 
 LOGGER = logging.getLogger(__name__)
 DATABASE = Database(SETTINGS)
-# etcd outages are retried 6 times, waiting 1, 2, 4, 8, 10 and 10 s: about 35 s in all.
-STORAGE_RETRIES = 6
+# With the default of 6 retries, an etcd outage is retried after 1, 2, 4, 8, 10 and 10 s: about 35 s in all.
 MAX_RETRY_DELAY = 10
 
 
@@ -30,11 +29,12 @@ def environment_provider(self: Any, suite_id: str, suite_runner_ids: list[str] |
         LOGGER.warning("ignoring a second delivery: %s", duplicate)
         raise Ignore() from None
     except StorageUnavailableError as error:
-        if self.request.retries < STORAGE_RETRIES:
+        retries = SETTINGS.etcd_retries
+        if self.request.retries < retries:
             delay = min(2**self.request.retries, MAX_RETRY_DELAY)
             LOGGER.warning("testrun %s: %s; retrying in %d s", suite_id, error, delay)
-            raise self.retry(countdown=delay, max_retries=STORAGE_RETRIES) from None
-        LOGGER.error("testrun %s: giving up after %d retries: %s", suite_id, STORAGE_RETRIES, error)
+            raise self.retry(countdown=delay, max_retries=retries) from None
+        LOGGER.error("testrun %s: giving up after %d retries: %s", suite_id, retries, error)
         return failure_result(error)
 
 
@@ -53,6 +53,12 @@ def release(testrun_id: str | None = None, task_id: str | None = None, environme
     except InvalidIdError as error:
         return {"error": str(error)}
     return report.as_json()
+
+
+@app.task(name="EnvironmentProviderSweep")
+def sweep_task() -> dict[str, Any]:
+    """Release testruns whose lease runs out within three sweep intervals; return what was released."""
+    return {"released": sweep(DATABASE, SETTINGS, margin=3 * SETTINGS.sweep_interval)}
 
 
 @app.task(name="EnvironmentProviderPing")

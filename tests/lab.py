@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import threading
+import time
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
@@ -30,6 +31,7 @@ class LabState:
     double_reservations: int = 0
     failing_flash: set[str] = field(default_factory=set)
     release_refused: bool = False
+    flash_delay: float = 0.0
     lock: threading.Lock = field(default_factory=threading.Lock)
 
     @property
@@ -91,6 +93,13 @@ class Lab:
                         device.reserved = False
                         state.releases += 1
                         return self.reply(200, {"serial": serial})
+                    if self.path == "/flash" and state.flash_delay:
+                        # Sleep without the lock so that other requests go on meanwhile.
+                        state.lock.release()
+                        try:
+                            time.sleep(state.flash_delay)
+                        finally:
+                            state.lock.acquire()
                     if self.path == "/flash":
                         if serial in state.failing_flash:
                             return self.reply(500, {"message": f"flashing {serial} failed"})
@@ -127,5 +136,23 @@ LAB_PROVIDER = {
             }
         },
         "checkin": {"$request": {"url": {"$join": {"strings": ["$lab_url", "/release"]}}, "method": "POST", "json": {"serial": "$iut.serial"}}},
+    }
+}
+
+
+LAB_PREPARE = {
+    "stages": {
+        "environment_provider": {
+            "steps": {
+                "flash": {
+                    "$request": {
+                        "url": {"$join": {"strings": ["$lab_url", "/flash"]}},
+                        "method": "POST",
+                        "json": {"serial": "$iut.serial", "image": "$identity.version"},
+                        "timeout": 30,
+                    }
+                }
+            }
+        }
     }
 }
