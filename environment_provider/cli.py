@@ -158,16 +158,13 @@ class Commands:
             print_json({"task_id": task_id, "testrun_id": args.testrun}) if args.json else print(task_id)
             return 0
 
-        def show(event: dict[str, Any]) -> None:
-            if args.json:
-                return
-            data = event.get("data", {})
-            if event.get("event") == "message":
-                print(f"  [{data.get('level', 'info')}] {data.get('message')}", file=sys.stderr)
-
+        display = ProgressDisplay(sys.stderr, enabled=not args.json)
         if not args.json:
             print(f"task {task_id} enqueued for testrun {args.testrun}; waiting", file=sys.stderr)
-        status = wait_for_result(self.app, self.database, self.settings, task_id, args.testrun, args.wait_timeout, show)
+        try:
+            status = wait_for_result(self.app, self.database, self.settings, task_id, args.testrun, args.wait_timeout, display.show)
+        finally:
+            display.close()
         result = status["result"] or {}
         if args.json:
             print_json(result)
@@ -268,6 +265,48 @@ class Commands:
         return run_demo(Path(args.providers), Path(args.examples))
 
 
+class ProgressDisplay:
+    """Shows checkout progress: each event on its own line, and on a terminal a status line below them.
+
+    The status line counts the sub-suites ready so far and repeats what the
+    checkout is waiting for, if anything.
+    """
+
+    def __init__(self, stream: Any, enabled: bool = True) -> None:
+        self.stream = stream
+        self.enabled = enabled
+        self.live = enabled and stream.isatty()
+        self.ready = 0
+        self.waiting = ""
+
+    def show(self, event: dict[str, Any]) -> None:
+        if not self.enabled:
+            return
+        data = event.get("data", {})
+        message = data.get("message", "")
+        if message.startswith("sub-suite "):
+            self.ready += 1
+        if message.startswith("waiting for"):
+            self.waiting = message
+        elif message:
+            self.waiting = ""
+        if self.live:
+            self.stream.write("\r\033[K")
+        if event.get("event") == "message":
+            self.stream.write(f"  [{data.get('level', 'info')}] {message}\n")
+        elif event.get("event") == "finished":
+            self.stream.write(f"  [{data.get('status')}] {self.ready} sub-suites ready\n")
+        if self.live and event.get("event") != "finished":
+            status = f"  {self.ready} sub-suites ready"
+            self.stream.write(status + (f"; {self.waiting}" if self.waiting else ""))
+        self.stream.flush()
+
+    def close(self) -> None:
+        if self.live:
+            self.stream.write("\r\033[K")
+            self.stream.flush()
+
+
 def print_summary(result: dict[str, Any], task_id: str) -> None:
     """Print a task result for people: one line per sub-suite, or the error."""
     if result.get("error"):
@@ -366,7 +405,17 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
+    argv = list(sys.argv[1:] if argv is None else argv)
+    passthrough: list[str] = []
+    for index, token in enumerate(argv):
+        if not token.startswith("-"):
+            if token in ("worker", "beat") and "-h" not in argv[index + 1 :] and "--help" not in argv[index + 1 :]:
+                # Everything after `worker` or `beat` belongs to celery, options included.
+                argv, passthrough = argv[: index + 1], argv[index + 1 :]
+            break
     args = parser.parse_args(argv)
+    if passthrough:
+        args.celery_options = passthrough
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
