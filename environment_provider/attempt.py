@@ -52,13 +52,14 @@ def checkout_testrun(
             task_id = keys.validate_uuid(task_id, "task id")
         if not isinstance(suite_runner_ids, list):
             raise ConfigurationError(f"suite_runner_ids must be a list of UUIDs; got {type(suite_runner_ids).__name__}")
-        configuration = load_configuration(database, testrun_id)
     except (keys.InvalidIdError, ConfigurationError) as error:
         LOGGER.error("checkout of testrun %r rejected: %s", testrun_id, error)
         return failure_result(error)
 
+    # The configuration is read once the claim is held, so that it shows what any earlier attempt left.
+    # An unconfigured testrun is rejected then, and releasing the claim deletes the claim key again.
     claim = TestrunClaim(database, testrun_id, task_id)
-    outcome = claim.wait(time.monotonic() + configuration.timeout("total", settings))
+    outcome = claim.wait(time.monotonic() + settings.total_timeout)
     if outcome == "finished":
         raise DuplicateDeliveryError(f"task {task_id} already ran to the end for testrun {testrun_id}")
     if outcome == "timeout":
@@ -76,7 +77,11 @@ def checkout_testrun(
 def run_claimed(
     database: Database, settings: Settings, testrun_id: str, suite_runner_ids: list[str], task_id: str | None, claim: TestrunClaim
 ) -> dict[str, Any]:
-    configuration = load_configuration(database, testrun_id)
+    try:
+        configuration = load_configuration(database, testrun_id)
+    except ConfigurationError as error:
+        LOGGER.error("checkout of testrun %s rejected: %s", testrun_id, error)
+        return failure_result(error)
     record = configuration.record
     if configuration.sub_suite_keys and record.get("status") == "checked out" and record.get("task_id") != task_id:
         error = ConfigurationError(
@@ -90,7 +95,7 @@ def run_claimed(
     attempts = record.get("attempts", 0) + 1 if task_id is not None and record.get("task_id") == task_id else 1
     if task_id is not None:
         database.put_many({keys.task_id(testrun_id): task_id, keys.task_testrun(task_id): testrun_id}, lease=lease)
-    update_record(database, testrun_id, lease, status="checking out", task_id=task_id, attempts=attempts, error=None)
+    update_record(database, testrun_id, lease, record, status="checking out", task_id=task_id, attempts=attempts, error=None)
     if attempts > MAX_ATTEMPTS:
         error = EnvironmentProviderError(
             f"the checkout of testrun {testrun_id} was attempted {MAX_ATTEMPTS} times and each attempt's worker died; "
@@ -106,6 +111,7 @@ def run_claimed(
                 "could not release the environments of an earlier attempt: " + "; ".join(report.failures)
             ))  # fmt: skip
         configuration = load_configuration(database, testrun_id)
+        update_record(database, testrun_id, lease, configuration.record, status="checking out", task_id=task_id, attempts=attempts)
 
     started = time.monotonic()
     deadline = started + configuration.timeout("total", settings)
@@ -125,7 +131,7 @@ def run_claimed(
             raise
 
     count = sum(len(suite["sub_suites"]) for suite in result["suites"])
-    update_record(database, testrun_id, lease, status="checked out")
+    update_record(database, testrun_id, lease, configuration.record, status="checked out")
     progress.finish("checked out", sub_suites=count, seconds=round(time.monotonic() - started, 3))
     LOGGER.info("testrun %s: checked out %d sub-suites in %.3f s", testrun_id, count, time.monotonic() - started)
     return result

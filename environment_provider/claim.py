@@ -82,13 +82,13 @@ class TestrunClaim:
         delay = 0.1
         reported = False
         while True:
-            if self.finished():
-                return "finished"
             if self.acquire():
                 if self.finished():
                     self.release()
                     return "finished"
                 return "acquired"
+            if self.finished():
+                return "finished"
             if time.monotonic() >= deadline:
                 return "timeout"
             if not reported:

@@ -308,10 +308,17 @@ def configure_testrun(
     return load_configuration(database, testrun_id)
 
 
-def update_record(database: Database, testrun_id: str, lease: int, **changes: Any) -> dict[str, Any]:
-    """Merge `changes` into the testrun record and store it."""
-    text = database.get(keys.testrun(testrun_id))
-    record = json.loads(text) if text else {"testrun_id": testrun_id, "created": now()}
+def update_record(
+    database: Database, testrun_id: str, lease: int, record: dict[str, Any] | None = None, **changes: Any
+) -> dict[str, Any]:
+    """Merge `changes` into the testrun record and store it.
+
+    Pass the `record` the caller holds (it is updated in place) to save reading it first; only
+    the task that holds the testrun's claim may do that.
+    """
+    if record is None:
+        text = database.get(keys.testrun(testrun_id))
+        record = json.loads(text) if text else {"testrun_id": testrun_id, "created": now()}
     record.update(changes, updated=now())
     database.put(keys.testrun(testrun_id), dumps(record), lease=lease)
     return record

@@ -51,7 +51,9 @@ def test_killed_worker_is_redone_without_leaks(configure, app, database, worker,
     result = app.send_task("EnvironmentProvider", args=[testrun_id, []])
 
     holder = wait_for(lambda: database.get(keys.claim(testrun_id)), 20, "the claim")
-    wait_for(lambda: len(lab.state.reserved) == 2, 20, "two reserved IUTs")
+    # Kill once both IUTs are recorded in etcd: a kill between the lab's reply and the etcd write
+    # would leak that IUT, and no release can know about it.
+    wait_for(lambda: len([k for k in database.keys_prefix(keys.suites_prefix(testrun_id)) if k.endswith("/iut")]) == 2, 20, "two recorded IUTs")
     os.kill(json.loads(holder)["pid"], signal.SIGKILL)
     value = result.get(timeout=90)
 
