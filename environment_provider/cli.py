@@ -254,9 +254,15 @@ class Commands:
     def api(self, args: argparse.Namespace) -> int:
         import uvicorn
 
-        from .api.app import create_app
+        from .api.app import GRACEFUL_SHUTDOWN_SECONDS, create_app
 
-        uvicorn.run(create_app(self.settings), host=args.host, port=args.port, log_level="info")
+        uvicorn.run(
+            create_app(self.settings),
+            host=args.host,
+            port=args.port,
+            log_level="info",
+            timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_SECONDS,
+        )
         return 0
 
     def demo(self, args: argparse.Namespace) -> int:
