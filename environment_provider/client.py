@@ -89,7 +89,7 @@ def task_status(app: Celery, settings: Settings, task_id: str) -> dict[str, Any]
         result = app.AsyncResult(task_id)
         state = result.state
         value = result.result if state in ("SUCCESS", "FAILURE") else None
-    except OperationalError as error:
+    except (OperationalError, redis.exceptions.RedisError) as error:
         raise broker_error(settings, error) from None
     if isinstance(value, BaseException):
         value = {"error": str(value) or type(value).__name__, "details": repr(value)}
@@ -114,7 +114,7 @@ def wait_for_result(
     while True:
         try:
             ready = result.ready()
-        except OperationalError as error:
+        except (OperationalError, redis.exceptions.RedisError) as error:
             raise broker_error(settings, error) from None
         events = sorted(
             (json.loads(value) for key, value in database.get_prefix(prefix).items() if int(key.rsplit("/", 1)[1]) > seen),

@@ -52,8 +52,8 @@ def fetch_batches(uri: str, timeout: float) -> Any:
         raise InvalidTestCollectionError(str(error)) from None
 
 
-def batches_of(tercc: Any, fetch_timeout: float = 30.0) -> list[Any]:
-    """Return the raw test collection of a TERCC, fetching `batchesUri` when needed."""
+def check_tercc(tercc: Any) -> bool:
+    """Validate a TERCC without fetching anything; return whether it carries `data.batches` itself."""
     try:
         validate(tercc, "tercc.json", "the TERCC")
     except InvalidDocumentError as error:
@@ -61,15 +61,19 @@ def batches_of(tercc: Any, fetch_timeout: float = 30.0) -> list[Any]:
 
     data = tercc["data"]
     has_batches = "batches" in data
-    has_uri = "batchesUri" in data
-    if has_batches == has_uri:
+    if has_batches == ("batchesUri" in data):
         raise InvalidTestCollectionError(
             "the TERCC must have exactly one of data.batches and data.batchesUri, "
             f"but it has {'both' if has_batches else 'neither'}"
         )
-    if has_batches:
-        return data["batches"]
-    return fetch_batches(data["batchesUri"], fetch_timeout)
+    return has_batches
+
+
+def batches_of(tercc: Any, fetch_timeout: float = 30.0) -> list[Any]:
+    """Return the raw test collection of a TERCC, fetching `batchesUri` when needed."""
+    if check_tercc(tercc):
+        return tercc["data"]["batches"]
+    return fetch_batches(tercc["data"]["batchesUri"], fetch_timeout)
 
 
 def parse_test_suites(batches: Any) -> list[TestSuite]:

@@ -12,7 +12,7 @@ from typing import Any
 from packageurl import PackageURL
 
 from . import keys
-from .collection import InvalidTestCollectionError, batches_of, parse_test_suites
+from .collection import InvalidTestCollectionError, check_tercc, parse_test_suites
 from .errors import ConfigurationError
 from .etcd import Database
 from .keys import KINDS, KINDS_BY_DEFINITION_KEY, TIMEOUT_KINDS, InvalidIdError, Kind
@@ -267,11 +267,8 @@ def configure_testrun(
     config = check_config({} if config is None else config)
     timeouts = check_timeouts({} if timeouts is None else timeouts)
 
-    suite_count = None
-    if isinstance(tercc, dict) and isinstance(tercc.get("data"), dict) and "batchesUri" in tercc["data"]:
-        batches_of(tercc)  # validates the event without fetching; the worker fetches the collection
-    else:
-        suite_count = len(parse_test_suites(batches_of(tercc)))
+    # A collection behind data.batchesUri is fetched by the worker, which may reach hosts that this process cannot.
+    suite_count = len(parse_test_suites(tercc["data"]["batches"])) if check_tercc(tercc) else None
     check_dataset(dataset, suite_count)
 
     chosen = {}

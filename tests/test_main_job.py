@@ -197,3 +197,39 @@ def test_raw_send_task_records_task_id(configure, database, stack, worker, tercc
     assert database.get(keys.task_id(testrun_id)) == result.id
     assert database.get(keys.task_testrun(result.id)) == testrun_id
     suite_starter.close()
+
+
+def test_collection_behind_batches_uri_is_fetched_by_worker(configure, checkout, tercc):
+    import threading
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    batches = json.dumps(tercc["data"].pop("batches")).encode()
+    requests = []
+
+    class Collection(BaseHTTPRequestHandler):
+        def log_message(self, *args):
+            pass
+
+        def do_GET(self):
+            requests.append(self.path)
+            self.send_response(200)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(batches)))
+            self.end_headers()
+            self.wfile.write(batches)
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Collection)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    tercc["data"]["batchesUri"] = f"http://127.0.0.1:{server.server_address[1]}/collection.json"
+    try:
+        testrun_id = configure(tercc)
+        assert requests == []
+
+        _, result = checkout(testrun_id)
+    finally:
+        server.shutdown()
+        server.server_close()
+
+    assert result["error"] is None
+    assert requests == ["/collection.json"]
+    assert [suite["suite_name"] for suite in result["suites"]] == ["Gateway functional", "Gateway smoke"]

@@ -174,8 +174,6 @@ def configure(body: ConfigureRequest, services: ServicesDependency, credentials:
         check_dataset(dataset, suite_count)
     check_provider_ids(services, body)
 
-    # NOTE: configure_testrun fetches data.batchesUri from this process to validate it,
-    # although its comment states that only the worker fetches it.
     try:
         configuration = configure_testrun(
             services.database,
