@@ -10,21 +10,25 @@ environment or none.
 
 from __future__ import annotations
 
+import concurrent.futures
 import json
 import logging
 import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Callable
+
+from celery.exceptions import SoftTimeLimitExceeded
 
 from . import keys
 from .collection import TestSuite, test_suites_of
-from .errors import ConfigurationError, ProviderError, TotalTimeoutError
-from .etcd import Database
+from .errors import ConfigurationError, EnvironmentProviderError, NoItemsError, ProviderError, TotalTimeoutError
+from .etcd import Database, StorageUnavailableError
 from .events import ProgressLog
 from .keys import EXECUTION_SPACE, IUT, LOG_AREA, Kind
 from .providers.base import CheckoutRequest, Provider, ProviderContext
+from .providers.jsontas import JsontasProvider
 from .providers.loader import create_provider
 from .registry import TestrunConfiguration, check_dataset, dumps, update_record
 from .settings import Settings
@@ -32,6 +36,17 @@ from .splitter import assign_counts, split_round_robin
 
 LOGGER = logging.getLogger(__name__)
 MAX_PREPARE_THREADS = 16
+# Exceptions that pass through provider calls unchanged. Any other exception from a provider
+# (a plug-in may raise anything) becomes a ProviderError of the stage it came from.
+PASSED_THROUGH = (EnvironmentProviderError, StorageUnavailableError, SoftTimeLimitExceeded)
+
+
+def provider_failure(provider: Provider, stage: str, error: Exception) -> ProviderError:
+    """Turn an unexpected exception from a provider into a ProviderError naming the provider and stage."""
+    LOGGER.error(
+        "testrun %s: provider %r raised in stage %r", provider.context.testrun_id, provider.id, stage, exc_info=error
+    )
+    return ProviderError(provider.id, stage, f"{type(error).__name__}: {error}")
 
 
 @dataclass
@@ -98,14 +113,19 @@ class Checkout:
             progress=self.progress.message,
         )
 
-    def kind_deadline(self, kind: Kind) -> float:
-        """The earlier of the kind's timeout from now and the testrun's total deadline."""
+    def stage_deadline(self, kind: Kind, provider: Provider) -> tuple[float, str]:
+        """Return the earlier of the kind's timeout from now and the total deadline, and which of the two it is."""
+        total = self.configuration.timeout("total", self.settings)
         if time.monotonic() >= self.deadline:
             raise TotalTimeoutError(
-                f"the total timeout of testrun {self.testrun_id} ran out before the {kind.label} checkout; "
-                "raise the 'total' timeout or free up the providers"
+                f"the 'total' timeout of {total:g} s of testrun {self.testrun_id} ran out before the {kind.label} "
+                f"checkout from provider {provider.id!r}; raise the 'total' timeout or free up the providers"
             )
-        return min(time.monotonic() + self.configuration.timeout(kind.key, self.settings), self.deadline)
+        timeout = self.configuration.timeout(kind.key, self.settings)
+        kind_deadline = time.monotonic() + timeout
+        if kind_deadline <= self.deadline:
+            return kind_deadline, f"the '{kind.key}' timeout of {timeout:g} s"
+        return self.deadline, f"the 'total' timeout of {total:g} s"
 
     # Recording.
 
@@ -128,6 +148,65 @@ class Checkout:
                 self.forget_item(plan, environment_id, kind)
 
     # The stages.
+
+    def checkout_items(
+        self,
+        plan: SuitePlan,
+        kind: Kind,
+        minimum: int,
+        maximum: int,
+        values: dict[str, Any],
+        record: Callable[[dict[str, Any]], None],
+    ) -> list[dict[str, Any]]:
+        """Run one provider checkout and hold it to the provider contract; return the items kept.
+
+        Each item gets `provider_id` (and an IUT the testrun's `identity`
+        when it has none) and is passed to `record` once. Items beyond
+        `maximum` are checked in at once without being recorded. Raises
+        NoItemsError for fewer than `minimum` items, leaving what was
+        recorded to the release.
+        """
+        provider = plan.providers[kind.key]
+        identity = self.configuration.config.get("identity", "")
+        kept: list[dict[str, Any]] = []
+        extra: list[dict[str, Any]] = []
+
+        def record_once(item: dict[str, Any]) -> None:
+            if any(item is seen for seen in kept + extra):
+                return
+            if len(kept) >= maximum:
+                extra.append(item)
+                return
+            item["provider_id"] = provider.id
+            if kind is IUT and identity:
+                item.setdefault("identity", identity)
+            record(item)
+            kept.append(item)
+
+        deadline, deadline_source = self.stage_deadline(kind, provider)
+        request = CheckoutRequest(minimum, maximum, deadline, values, record_once, deadline_source)
+        try:
+            items = provider.checkout(request)
+        except PASSED_THROUGH:
+            raise
+        except Exception as error:  # noqa: BLE001 - see PASSED_THROUGH
+            raise provider_failure(provider, "checkout", error) from None
+        if not isinstance(items, list) or not all(isinstance(item, dict) for item in items):
+            raise ProviderError(provider.id, "checkout", f"returned {type(items).__name__}, not a list of objects")
+        for item in items:
+            record_once(item)
+
+        if extra:
+            self.progress.message(
+                f"provider {provider.id!r} returned {len(extra)} more {kind.label}s than requested; checking them in"
+            )
+            for _, error in provider.checkin_all(extra):
+                self.progress.message(f"could not check in an unused {kind.label}: {error}", "warning")
+        if len(kept) < minimum:
+            raise NoItemsError(
+                provider.id, "checkout", f"returned {len(kept)} {kind.label}s but at least {minimum} are needed"
+            )
+        return kept
 
     def checkout_iuts(self, plan: SuitePlan) -> list[tuple[str, dict[str, Any]]]:
         """Check out this suite's IUTs; return (environment id, IUT) pairs."""
@@ -152,31 +231,50 @@ class Checkout:
             checked_out.append((environment_id, item))
 
         provider = plan.providers[IUT.key]
-        request = CheckoutRequest(minimum, maximum, self.kind_deadline(IUT), {"suite_id": plan.suite_id}, record)
         self.progress.message(f"checking out {minimum} to {maximum} IUTs from provider {provider.id!r} for test suite {plan.suite.name!r}")
-        items = provider.checkout(request)
-        recorded = {id(item) for _, item in checked_out}
-        for item in items:
-            if id(item) not in recorded:
-                record(item)
+        self.checkout_items(plan, IUT, minimum, maximum, {"suite_id": plan.suite_id}, record)
         self.progress.message(f"checked out {len(checked_out)} IUTs from provider {provider.id!r}")
         return checked_out
 
     def prepare_iuts(self, plan: SuitePlan, iuts: list[tuple[str, dict[str, Any]]]) -> list[tuple[str, dict[str, Any]]]:
-        """Run the IUT provider's prepare stage for all IUTs at once; check in the IUTs that fail it."""
+        """Run the IUT provider's prepare stage for all IUTs at once; check in the IUTs that fail it.
+
+        Each IUT is prepared from its own copy. Raises ProviderError when
+        fewer IUTs than test runners remain, and TotalTimeoutError when the
+        total deadline passes first.
+        """
         provider = plan.providers[IUT.key]
-        steps = ((provider.definition.get("prepare") or {}).get("stages") or {}).get("environment_provider", {}).get("steps")
-        if type(provider).prepare is Provider.prepare or (provider.definition.get("type", "jsontas") == "jsontas" and not steps):
+        if type(provider).prepare is Provider.prepare:
+            return iuts
+        if isinstance(provider, JsontasProvider) and not provider.prepare_steps():
             return iuts
 
         def prepare(pair: tuple[str, dict[str, Any]]) -> tuple[str, dict[str, Any]] | ProviderError:
             try:
-                return pair[0], provider.prepare(json.loads(json.dumps(pair[1])))
+                item = provider.prepare(json.loads(json.dumps(pair[1])))
             except ProviderError as error:
                 return error
+            except PASSED_THROUGH:
+                raise
+            except Exception as error:  # noqa: BLE001 - see PASSED_THROUGH
+                return provider_failure(provider, "prepare", error)
+            if not isinstance(item, dict):
+                return ProviderError(provider.id, "prepare", f"returned {type(item).__name__} instead of the IUT object")
+            return pair[0], item
 
-        with ThreadPoolExecutor(max_workers=min(MAX_PREPARE_THREADS, len(iuts))) as pool:
-            outcomes = list(pool.map(prepare, iuts))
+        self.progress.message(f"preparing {len(iuts)} IUTs with provider {provider.id!r}")
+        pool = ThreadPoolExecutor(max_workers=min(MAX_PREPARE_THREADS, len(iuts)))
+        futures = [pool.submit(prepare, pair) for pair in iuts]
+        _, pending = concurrent.futures.wait(futures, timeout=max(0.0, self.deadline - time.monotonic()))
+        # NOTE: a step still running at the deadline is not interrupted; its thread ends with its own request timeout.
+        pool.shutdown(wait=not pending, cancel_futures=True)
+        if pending:
+            total = self.configuration.timeout("total", self.settings)
+            raise TotalTimeoutError(
+                f"the 'total' timeout of {total:g} s of testrun {self.testrun_id} ran out while provider "
+                f"{provider.id!r} was still preparing {len(pending)} of {len(iuts)} IUTs; raise the 'total' timeout"
+            )
+        outcomes = [future.result() for future in futures]
 
         prepared, failed = [], []
         for pair, outcome in zip(iuts, outcomes):
@@ -189,8 +287,11 @@ class Checkout:
             self.return_items(plan, IUT, failed)
         minimum = len(plan.suite.recipes_by_runner)
         if len(prepared) < minimum:
+            first_failure = next(str(outcome) for outcome in outcomes if isinstance(outcome, ProviderError))
             raise ProviderError(
-                provider.id, "prepare", f"only {len(prepared)} IUTs were prepared but {minimum} are needed"
+                provider.id,
+                "prepare",
+                f"only {len(prepared)} IUTs were prepared but {minimum} are needed; first failure: {first_failure}",
             )
         for environment_id, item in prepared:
             self.record_item(plan, environment_id, IUT, item)
@@ -198,19 +299,11 @@ class Checkout:
 
     def checkout_one(self, plan: SuitePlan, kind: Kind, values: dict[str, Any], environment_id: str) -> dict[str, Any]:
         """Check out exactly one execution space or log area for one environment."""
-        provider = plan.providers[kind.key]
-        recorded: list[dict[str, Any]] = []
 
         def record(item: dict[str, Any]) -> None:
             self.record_item(plan, environment_id, kind, item)
-            recorded.append(item)
 
-        items = provider.checkout(CheckoutRequest(1, 1, self.kind_deadline(kind), values, record))
-        if len(items) != 1:
-            raise ProviderError(provider.id, "checkout", f"returned {len(items)} {kind.label}s instead of 1")
-        if not recorded:
-            record(items[0])
-        return items[0]
+        return self.checkout_items(plan, kind, 1, 1, values, record)[0]
 
     def build_sub_suites(self, plan: SuitePlan, iuts: list[tuple[str, dict[str, Any]]]) -> list[dict[str, Any]]:
         """Assign IUTs to test runners, check out their execution spaces and log areas, write the sub-suites."""

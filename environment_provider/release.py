@@ -11,7 +11,7 @@ from . import keys
 from .errors import ConfigurationError, ProviderError
 from .etcd import Database
 from .keys import EXECUTION_SPACE, IUT, LOG_AREA, Kind
-from .providers.base import Provider, ProviderContext
+from .providers.base import Provider, ProviderContext, describe_item
 from .providers.loader import create_provider
 from .registry import TestrunConfiguration, load_configuration, update_record
 from .settings import Settings
@@ -94,10 +94,15 @@ def release_sub_suite(
             failures = provider.checkin_all([item])
         except (ProviderError, ConfigurationError) as error:
             failures = [(item, error)]
+        except Exception as error:  # noqa: BLE001 - a plug-in's checkin_all may raise anything; keep the key
+            LOGGER.exception("testrun %s: checking in %s of environment %s raised", testrun_id, kind.label, environment_id)
+            failures = [(item, f"{type(error).__name__}: {error}")]
         if failures:
             for _, error in failures:
-                report.failures.append(f"environment {environment_id}: {error}")
-                LOGGER.error("testrun %s: %s could not be checked in: %s", testrun_id, kind.label, error)
+                report.failures.append(
+                    f"environment {environment_id}: {kind.label} {describe_item(item)} was not checked in: {error}"
+                )
+                LOGGER.error("testrun %s: %s of environment %s was not checked in: %s", testrun_id, kind.label, environment_id, error)
             continue
         checked_in.append(key)
         LOGGER.info("testrun %s: checked in %s of environment %s", testrun_id, kind.label, environment_id)

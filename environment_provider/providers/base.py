@@ -8,7 +8,8 @@ creates one instance per testrun, test suite and kind, then calls:
   for each item as soon as it is checked out, so that a crashed worker's
   items can be released by the next attempt; items returned but not recorded
   are recorded after `checkout` returns. Stop waiting at `request.deadline`
-  (a `time.monotonic()` value) with CheckoutTimeoutError.
+  (a `time.monotonic()` value) with CheckoutTimeoutError, and name
+  `request.deadline_source` in its message.
 - `checkin(item)`: check one item in again, or raise CheckinError.
 - `checkin_all(items)`: check in many; the default calls `checkin` for each
   and returns the failures instead of raising.
@@ -17,6 +18,12 @@ creates one instance per testrun, test suite and kind, then calls:
 
 `self.definition` is the inner provider definition (`id`, `type`, …),
 `self.kind` the Kind, and `self.context` the ProviderContext.
+
+Any other exception that a plug-in raises is reported as a ProviderError of
+the stage it came from (`init`, `checkout`, `prepare`, `checkin`). Every
+item gets `provider_id` set to this provider's id, and IUTs without
+`identity` get the testrun's identity. More items than `request.maximum` are
+checked in again at once, and fewer than `request.minimum` fail the checkout.
 """
 
 from __future__ import annotations
@@ -76,7 +83,9 @@ class CheckoutRequest:
     """One checkout call: how many items, until when, and extra dataset values.
 
     `values` holds what the rulesets see beyond the context, such as
-    `test_runner`, `iut`, `environment_id` and `suite_id`.
+    `test_runner`, `iut`, `environment_id` and `suite_id`. `deadline_source`
+    names the timeout that set `deadline`, for error messages, for example
+    "the 'iut' timeout of 60 s".
     """
 
     minimum: int
@@ -84,9 +93,18 @@ class CheckoutRequest:
     deadline: float
     values: dict[str, Any] = field(default_factory=dict)
     record: Callable[[dict[str, Any]], None] = lambda item: None
+    deadline_source: str = "the timeout"
 
     def seconds_left(self) -> float:
         return max(0.0, self.deadline - time.monotonic())
+
+
+def describe_item(item: dict[str, Any]) -> str:
+    """Name an item for messages by its first identifying field, such as `serial='SN0001'`."""
+    for key in ("id", "serial", "name", "identifier"):
+        if key in item:
+            return f"{key}={item[key]!r}"
+    return "(unnamed)"
 
 
 class Provider:

@@ -11,8 +11,10 @@ Protocol, per request with header `X-ETOS-ID: <testrun id>`:
 - stop: `POST {stop.host}` with a JSON list of items returns 204, or a JSON
   body whose `error` says why they could not be checked in.
 
-Connection errors and 429/503 answers are retried with backoff until the
-deadline; other error answers fail at once.
+Connection errors and 429/503 responses are retried with backoff until the
+deadline; other error responses fail at once. Each attempt has a timeout of
+ENVIRONMENT_PROVIDER_REQUEST_TIMEOUT seconds at most, and a stop call is
+retried for that long too.
 """
 
 from __future__ import annotations
@@ -30,13 +32,17 @@ from .rulesets import check_allowed
 
 LOGGER = logging.getLogger(__name__)
 RETRY_STATUSES = (429, 503)
+FIRST_BACKOFF = 0.05
 MAX_BACKOFF = 2.0
-REQUEST_TIMEOUT = 10.0
-CHECKIN_TIMEOUT = 30.0
+MIN_ATTEMPT_TIMEOUT = 0.1
 
 
 class RetryableError(Exception):
     """One attempt failed in a way that may pass: connection error, 429 or 503."""
+
+
+class RetriesExhaustedError(Exception):
+    """Every attempt of one call failed with a retryable error until the deadline."""
 
 
 class ExternalProvider(Provider):
@@ -47,32 +53,37 @@ class ExternalProvider(Provider):
         check_allowed(url, self.context.settings.request_allowed_hosts)
         return url
 
-    def _send(self, stage: str, method: str, deadline: float, **kwargs: Any) -> httpx.Response:
-        """Send one request, retrying connection errors and 429/503 answers until `deadline`."""
+    def _send(
+        self, stage: str, method: str, deadline: float, deadline_source: str, **kwargs: Any
+    ) -> httpx.Response:
+        """Send one request, retrying connection errors and 429/503 responses until `deadline`.
+
+        Raises RetriesExhaustedError, naming `deadline_source`, when no
+        attempt succeeded before the deadline.
+        """
         try:
             url = self._url(stage)
         except ValueError as error:
             raise ProviderError(self.id, stage, str(error)) from None
         headers = {"X-ETOS-ID": self.context.testrun_id}
-        delay = 0.05
+        delay = FIRST_BACKOFF
         while True:
             remaining = deadline - time.monotonic()
+            attempt_timeout = max(min(self.context.settings.request_timeout, remaining), MIN_ATTEMPT_TIMEOUT)
             try:
-                if remaining <= 0:
-                    raise RetryableError("no time left")
-                response = httpx.request(
-                    method, url, headers=headers, timeout=min(REQUEST_TIMEOUT, max(remaining, 0.1)), **kwargs
-                )
+                response = httpx.request(method, url, headers=headers, timeout=attempt_timeout, **kwargs)
                 if response.status_code in RETRY_STATUSES:
                     raise RetryableError(f"HTTP {response.status_code}")
                 return response
             except (httpx.TransportError, RetryableError) as error:
-                if time.monotonic() + delay >= deadline:
-                    raise CheckoutTimeoutError(
-                        self.id, stage, f"{method} {url} did not succeed before the timeout: {error}"
-                    ) from None
-                LOGGER.info("provider %r %s %s: %s; retrying in %.2f s", self.id, method, url, error, delay)
-                time.sleep(delay)
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    raise RetriesExhaustedError(f"{method} {url} still failed when {deadline_source} ran out: {error}")
+                LOGGER.info(
+                    "testrun %s: provider %r %s %s failed (%s); retrying in %.2f s",
+                    self.context.testrun_id, self.id, method, url, error, min(delay, remaining),
+                )
+                time.sleep(min(delay, remaining))
                 delay = min(delay * 2, MAX_BACKOFF)
 
     def _json(self, stage: str, response: httpx.Response) -> Any:
@@ -81,7 +92,7 @@ class ExternalProvider(Provider):
         try:
             return response.json()
         except json.JSONDecodeError:
-            raise ProviderError(self.id, stage, f"the answer is not JSON: {response.text[:200]!r}") from None
+            raise ProviderError(self.id, stage, f"the response is not JSON: {response.text[:200]!r}") from None
 
     def start_body(self, request: CheckoutRequest) -> dict[str, Any]:
         context = self.context
@@ -102,34 +113,55 @@ class ExternalProvider(Provider):
         return body
 
     def checkout(self, request: CheckoutRequest) -> list[dict[str, Any]]:
-        started = self._json("start", self._send("start", "POST", request.deadline, json=self.start_body(request)))
+        """Start a request, poll its status until DONE, and return the items within the requested amounts.
+
+        Items beyond `request.maximum` are stopped at once. With fewer than
+        `request.minimum` items, all received items are stopped and
+        NoItemsError is raised. Only the items kept are recorded.
+        """
+        started = self._json("start", self._send_in_checkout("start", "POST", request, json=self.start_body(request)))
         request_id = started.get("id") if isinstance(started, dict) else None
-        if not isinstance(request_id, (str, int)) or request_id == "":
-            raise ProviderError(self.id, "start", f"the answer has no 'id': {started!r}"[:300])
+        if isinstance(request_id, bool) or not isinstance(request_id, (str, int)) or request_id == "":
+            raise ProviderError(self.id, "start", f"the response has no 'id': {started!r}"[:300])
+        LOGGER.info("testrun %s: provider %r started request %s", self.context.testrun_id, self.id, request_id)
 
-        items = self._wait_until_done(str(request_id), request)
-        items = [dict(item, provider_id=self.id) for item in items]
-        for item in items:
-            request.record(item)
-
-        if len(items) > request.maximum:
-            extra, items = items[request.maximum :], items[: request.maximum]
-            self.context.progress(f"provider {self.id!r} returned {len(extra)} more {self.kind.label}s than asked for; checking them in")
-            self._stop_quietly(extra)
+        items = [dict(item, provider_id=self.id) for item in self._wait_until_done(str(request_id), request)]
         if len(items) < request.minimum:
             self._stop_quietly(items)
             raise NoItemsError(
-                self.id, "status", f"returned {len(items)} {self.kind.label}s but at least {request.minimum} are needed"
+                self.id,
+                "status",
+                f"request {request_id} returned {len(items)} {self.kind.label}s but at least {request.minimum} "
+                "are needed; the items received were sent to stop",
             )
-        return items
+
+        kept, extra = items[: request.maximum], items[request.maximum :]
+        for item in kept:
+            request.record(item)
+        if extra:
+            self.context.progress(
+                f"provider {self.id!r} returned {len(extra)} more {self.kind.label}s than requested; stopping them"
+            )
+            self._stop_quietly(extra)
+        return kept
+
+    def _send_in_checkout(self, stage: str, method: str, request: CheckoutRequest, **kwargs: Any) -> httpx.Response:
+        try:
+            return self._send(stage, method, request.deadline, request.deadline_source, **kwargs)
+        except RetriesExhaustedError as error:
+            raise CheckoutTimeoutError(self.id, stage, str(error)) from None
 
     def _wait_until_done(self, request_id: str, request: CheckoutRequest) -> list[dict[str, Any]]:
-        delay = 0.05
+        """Poll the status endpoint with backoff until DONE; return the items of the DONE response."""
+        delay = FIRST_BACKOFF
+        reported_wait = False
         while True:
-            status = self._json("status", self._send("status", "GET", request.deadline, params={"id": request_id}))
+            response = self._send_in_checkout("status", "GET", request, params={"id": request_id})
+            status = self._json("status", response)
             if not isinstance(status, dict):
-                raise ProviderError(self.id, "status", f"the answer is not an object: {status!r}"[:300])
+                raise ProviderError(self.id, "status", f"the response is not an object: {status!r}"[:300])
             state = status.get("status")
+            description = status.get("description") or "no description"
             if state == "DONE":
                 items = status.get(self.kind.external_key)
                 if not isinstance(items, list) or not all(isinstance(item, dict) for item in items):
@@ -138,23 +170,33 @@ class ExternalProvider(Provider):
                     )
                 return items
             if state == "FAILED":
-                raise ProviderError(self.id, "status", f"FAILED: {status.get('description') or 'no description'}")
+                raise ProviderError(self.id, "status", f"request {request_id} FAILED: {description}")
             if state != "PENDING":
                 raise ProviderError(self.id, "status", f"unknown status {state!r}; expected PENDING, DONE or FAILED")
-            if time.monotonic() + delay >= request.deadline:
+
+            remaining = request.deadline - time.monotonic()
+            if remaining <= 0:
                 raise CheckoutTimeoutError(
-                    self.id, "status", f"still PENDING at the timeout: {status.get('description') or 'no description'}"
+                    self.id,
+                    "status",
+                    f"{self.kind.label} request {request_id} was still PENDING when {request.deadline_source} "
+                    f"ran out: {description}",
                 )
-            time.sleep(delay)
+            if not reported_wait:
+                self.context.progress(f"waiting for provider {self.id!r}: {description}")
+                reported_wait = True
+            time.sleep(min(delay, remaining))
             delay = min(delay * 2, MAX_BACKOFF)
 
     def _stop(self, items: list[dict[str, Any]]) -> None:
+        """Send the items to the stop endpoint; raise CheckinError when the service does not confirm."""
         if not items:
             return
-        deadline = time.monotonic() + CHECKIN_TIMEOUT
+        timeout = self.context.settings.request_timeout
+        deadline = time.monotonic() + timeout
         try:
-            response = self._send("stop", "POST", deadline, json=items)
-        except CheckoutTimeoutError as error:
+            response = self._send("stop", "POST", deadline, f"the stop timeout of {timeout:g} s", json=items)
+        except RetriesExhaustedError as error:
             raise CheckinError(self.id, "stop", str(error)) from None
         if response.status_code >= 400:
             raise CheckinError(self.id, "stop", f"HTTP {response.status_code}: {response.text[:200]!r}")
@@ -167,10 +209,13 @@ class ExternalProvider(Provider):
                 raise CheckinError(self.id, "stop", str(body["error"]))
 
     def _stop_quietly(self, items: list[dict[str, Any]]) -> None:
+        """Stop items the checkout does not keep; a failure is logged and shown, since no key records them."""
         try:
             self._stop(items)
         except ProviderError as error:
-            LOGGER.error("testrun %s: %s", self.context.testrun_id, error)
+            # NOTE: these items are not recorded in etcd, so no later release can stop them.
+            LOGGER.error("testrun %s: %d unused %ss were not stopped: %s", self.context.testrun_id, len(items), self.kind.label, error)
+            self.context.progress(f"could not stop {len(items)} unused {self.kind.label}s: {error}")
 
     def checkin(self, item: dict[str, Any]) -> None:
         self._stop([item])

@@ -7,10 +7,11 @@ import time
 from typing import Any
 
 from ..errors import CheckinError, CheckoutTimeoutError, NoItemsError, ProviderError
-from .base import CheckoutRequest, Provider
+from .base import CheckoutRequest, Provider, describe_item
 from .rulesets import RulesetError, evaluate
 
 LOGGER = logging.getLogger(__name__)
+FIRST_BACKOFF = 0.05
 MAX_BACKOFF = 2.0
 
 
@@ -22,6 +23,18 @@ def is_response(result: Any) -> bool:
 def failed_response(result: Any) -> bool:
     """Tell whether `result` is a `$request` response with an HTTP error status."""
     return is_response(result) and result["ok"] is False
+
+
+def describe_result(result: Any) -> str:
+    """Describe a failed stage result for messages: the status and body of a response, or the value."""
+    if is_response(result):
+        return f"HTTP {result['status_code']} from {result['url']}: {str(result['content'])[:200]!r}"
+    return repr(result)[:200]
+
+
+def response_body(result: Any) -> Any:
+    """Return the JSON body of a `$request` response, and any other result unchanged."""
+    return result["json"] if is_response(result) else result
 
 
 class JsontasProvider(Provider):
@@ -58,6 +71,13 @@ class JsontasProvider(Provider):
         possible = result.get("possible") if isinstance(result, dict) else None
         available = result.get("available") if isinstance(result, dict) else None
         for name, value in (("possible", possible), ("available", available)):
+            if is_response(value):
+                raise ProviderError(
+                    self.id,
+                    "list",
+                    f"'{name}' evaluated to a $request response, not a list; take its body with "
+                    '{"$from": {"item": {"$request": ...}, "get": "json"}}',
+                )
             if not isinstance(value, list):
                 raise ProviderError(
                     self.id, "list", f"'{name}' evaluated to {type(value).__name__}, not a list; check the ruleset"
@@ -65,7 +85,12 @@ class JsontasProvider(Provider):
         return possible, available
 
     def checkout(self, request: CheckoutRequest) -> list[dict[str, Any]]:
-        delay = 0.05
+        """List and check out items until at least `request.minimum` are held or the deadline passes.
+
+        Between attempts the wait grows from 0.05 s to 2 s, and the last
+        attempt is made at the deadline.
+        """
+        delay = FIRST_BACKOFF
         reported_wait = False
         while True:
             possible, available = self.list(request.maximum, request.values)
@@ -88,13 +113,14 @@ class JsontasProvider(Provider):
                 for _, error in self.checkin_all(items):
                     LOGGER.warning("testrun %s: %s", self.context.testrun_id, error)
 
-            if time.monotonic() + delay >= request.deadline:
+            remaining = request.deadline - time.monotonic()
+            if remaining <= 0:
                 reasons = f"; last failures: {'; '.join(failures[:3])}" if failures else ""
                 raise CheckoutTimeoutError(
                     self.id,
                     "checkout",
                     f"timed out waiting for {request.minimum} available {self.kind.label}s "
-                    f"({len(available)} of {len(possible)} available){reasons}",
+                    f"({len(available)} of {len(possible)} available) when {request.deadline_source} ran out{reasons}",
                 )
             if not reported_wait:
                 self.context.progress(
@@ -102,7 +128,7 @@ class JsontasProvider(Provider):
                     f"({len(available)} of {len(possible)} available)"
                 )
                 reported_wait = True
-            time.sleep(delay)
+            time.sleep(min(delay, remaining))
             delay = min(delay * 2, MAX_BACKOFF)
 
     def _checkout_items(
@@ -124,7 +150,7 @@ class JsontasProvider(Provider):
                     failures.append(str(error))
                     continue
                 if not isinstance(result, dict) or failed_response(result):
-                    failures.append(f"{self.kind.label} {self.describe(item)}: {result!r}"[:300])
+                    failures.append(f"{self.kind.label} {describe_item(item)}: {describe_result(result)}")
                     continue
                 # A `$request` response stands for its JSON body; headers and status are not item fields.
                 if is_response(result):
@@ -137,13 +163,6 @@ class JsontasProvider(Provider):
             items.append(item)
         return items
 
-    @staticmethod
-    def describe(item: dict[str, Any]) -> str:
-        for key in ("id", "serial", "name", "identifier"):
-            if key in item:
-                return f"{key}={item[key]!r}"
-        return "(unnamed)"
-
     def checkin(self, item: dict[str, Any]) -> None:
         stage = self.definition.get("checkin")
         if stage is None:
@@ -151,18 +170,28 @@ class JsontasProvider(Provider):
         try:
             result = self.run_stage("checkin", stage, {self.kind.dataset_key: item})
         except ProviderError as error:
-            raise CheckinError(self.id, "checkin", f"{self.describe(item)}: {error}") from None
+            raise CheckinError(self.id, "checkin", f"{describe_item(item)}: {error}") from None
         if not result or failed_response(result):
-            raise CheckinError(self.id, "checkin", f"{self.describe(item)}: the ruleset returned {result!r}"[:300])
+            raise CheckinError(self.id, "checkin", f"{describe_item(item)}: the ruleset returned {describe_result(result)}")
+
+    def prepare_steps(self) -> dict[str, Any]:
+        """Return the `prepare.stages.environment_provider.steps` mapping of step name to ruleset, in order."""
+        prepare = self.definition.get("prepare") or {}
+        stage = (prepare.get("stages") or {}).get("environment_provider") or {}
+        return stage.get("steps") or {}
 
     def prepare(self, item: dict[str, Any]) -> dict[str, Any]:
-        steps = (
-            ((self.definition.get("prepare") or {}).get("stages") or {}).get("environment_provider") or {}
-        ).get("steps") or {}
+        """Run the prepare steps in order. A falsy result or an HTTP error status fails the IUT.
+
+        Later steps see earlier results as `$steps.<name>`. A `$request`
+        result is stored as its JSON body, so `$steps.flash.version` reads the
+        body of the `flash` step's response.
+        """
         results: dict[str, Any] = {}
-        for name, ruleset in steps.items():
-            result = self.run_stage(f"prepare step {name!r}", ruleset, {self.kind.dataset_key: item, "steps": results})
+        for name, ruleset in self.prepare_steps().items():
+            stage = f"prepare step {name!r}"
+            result = self.run_stage(stage, ruleset, {self.kind.dataset_key: item, "steps": results})
             if not result or failed_response(result):
-                raise ProviderError(self.id, f"prepare step {name!r}", f"{self.describe(item)}: the step returned {result!r}"[:300])
-            results[name] = result
+                raise ProviderError(self.id, stage, f"IUT {describe_item(item)}: the step returned {describe_result(result)}")
+            results[name] = response_body(result)
         return item

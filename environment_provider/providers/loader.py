@@ -3,19 +3,22 @@
 from __future__ import annotations
 
 import functools
+import logging
 from importlib.metadata import entry_points
 from typing import Any
 
-from ..errors import ConfigurationError
+from ..errors import ConfigurationError, EnvironmentProviderError, ProviderError
 from ..keys import Kind
 from .base import Provider, ProviderContext
 
+LOGGER = logging.getLogger(__name__)
 ENTRY_POINT_GROUP = "environment_provider.providers"
 DEFAULT_TYPE = "jsontas"
 
 
 @functools.cache
 def _plugins() -> dict[str, Any]:
+    """Return the group's installed entry points by name. The result is cached, so each process reads them once."""
     return {entry.name: entry for entry in entry_points(group=ENTRY_POINT_GROUP)}
 
 
@@ -42,8 +45,11 @@ def provider_class(type_name: str) -> type[Provider]:
         )
     try:
         cls = entry.load()
-    except (ImportError, AttributeError) as error:
-        raise ConfigurationError(f"provider type {type_name!r} could not be loaded from {entry.value!r}: {error}") from None
+    except Exception as error:  # noqa: BLE001 - importing a plug-in module may raise anything
+        LOGGER.exception("provider type %r could not be loaded from %r", type_name, entry.value)
+        raise ConfigurationError(
+            f"provider type {type_name!r} could not be loaded from {entry.value!r}: {type(error).__name__}: {error}"
+        ) from None
     if not (isinstance(cls, type) and issubclass(cls, Provider)):
         raise ConfigurationError(
             f"provider type {type_name!r} ({entry.value}) is not a subclass of environment_provider.providers.Provider"
@@ -52,5 +58,17 @@ def provider_class(type_name: str) -> type[Provider]:
 
 
 def create_provider(kind: Kind, definition: dict[str, Any], context: ProviderContext) -> Provider:
-    """Instantiate the provider class a definition's `type` selects."""
-    return provider_class(definition.get("type", DEFAULT_TYPE))(kind, definition, context)
+    """Instantiate the provider class a definition's `type` selects.
+
+    Raises ConfigurationError for a type that cannot be loaded, and
+    ProviderError (stage `init`) when the class's constructor raises.
+    """
+    cls = provider_class(definition.get("type", DEFAULT_TYPE))
+    try:
+        return cls(kind, definition, context)
+    except EnvironmentProviderError:
+        raise
+    except Exception as error:  # noqa: BLE001 - a plug-in constructor may raise anything
+        provider_id = str(definition.get("id", "?"))
+        LOGGER.exception("testrun %s: provider %r raised while being created", context.testrun_id, provider_id)
+        raise ProviderError(provider_id, "init", f"{type(error).__name__}: {error}") from None
