@@ -26,20 +26,31 @@ def lab_provider(lab, settings, definition=None):
     return JsontasProvider(IUT, definition or LAB_PROVIDER["iut"], context)
 
 
-def test_bare_request_in_list_is_explained(lab, settings):
+def test_bare_request_in_list_lists_response_body(lab, settings):
     definition = {
         "id": "bare-request",
         "list": {
             "possible": {"$request": {"url": {"$join": {"strings": ["$lab_url", "/devices"]}}, "method": "GET"}},
-            "available": "$this.possible",
+            "available": {"$filter": {"items": "$this.possible", "filters": [{"key": "reserved", "operator": "$eq", "value": False}]}},
         },
     }
+    lab.state.devices["SN0000"].reserved = True
 
-    with pytest.raises(ProviderError) as raised:
+    possible, available = lab_provider(lab, settings, definition).list(2, {})
+
+    assert [device["serial"] for device in possible] == sorted(lab.state.devices)
+    assert "SN0000" not in [device["serial"] for device in available]
+    assert len(available) == len(possible) - 1
+
+
+def test_failed_request_in_list_names_status(lab, settings):
+    definition = {
+        "id": "missing-path",
+        "list": {"possible": {"$request": {"url": {"$join": {"strings": ["$lab_url", "/nowhere"]}}, "method": "GET"}}, "available": "$this.possible"},
+    }
+
+    with pytest.raises(ProviderError, match="'possible' got HTTP 404"):
         lab_provider(lab, settings, definition).list(2, {})
-
-    assert "'possible' evaluated to a $request response, not a list" in str(raised.value)
-    assert '"get": "json"' in str(raised.value)
 
 
 def test_wait_lasts_until_deadline(lab, settings):

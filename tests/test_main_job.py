@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import uuid
+from pathlib import Path
 from typing import Any
 
 from celery import Celery
@@ -233,3 +234,19 @@ def test_collection_behind_batches_uri_is_fetched_by_worker(configure, checkout,
     assert result["error"] is None
     assert requests == ["/collection.json"]
     assert [suite["suite_name"] for suite in result["suites"]] == ["Gateway functional", "Gateway smoke"]
+
+
+def test_documented_lab_manager_definition_works_unchanged(configure, checkout, database, settings, tercc, lab, unique):
+    from environment_provider.registry import register_definition
+
+    definition = json.loads((Path(__file__).parent / "fixtures" / "etos-docs-lab-manager.json").read_text())
+    definition["iut"]["id"] = f"lab-manager-{unique}"
+    register_definition(database, definition)
+    testrun_id = configure(tercc, iut=f"lab-manager-{unique}", dataset={"lab_manager_url": lab.url, "runner_pool": "p", "runner_start_url": "http://r.example.invalid", "log_server_url": "http://l.example.invalid"})
+
+    _, result = checkout(testrun_id)
+
+    assert result["error"] is None
+    assert sorted(lab.state.reserved) == sorted(sub["iut"]["serial"] for sub in sub_suites(result))
+    release_testrun(database, settings, testrun_id)
+    assert lab.state.reserved == []

@@ -59,30 +59,36 @@ class JsontasProvider(Provider):
         values.update(extra)
         return values
 
-    def run_stage(self, stage: str, ruleset: Any, extra: dict[str, Any]) -> Any:
+    def run_stage(self, stage: str, ruleset: Any, extra: dict[str, Any], this: Any = None) -> Any:
         try:
-            return evaluate(ruleset, self.values(extra), self.context.settings)
+            return evaluate(ruleset, self.values(extra), self.context.settings, this)
         except RulesetError as error:
             raise ProviderError(self.id, stage, str(error)) from None
 
     def list(self, amount: int, extra: dict[str, Any]) -> tuple[list[Any], list[Any]]:
-        """Evaluate the `list` stage; return the possible and the available items."""
-        result = self.run_stage("list", self.definition["list"], {**extra, "amount": amount})
-        possible = result.get("possible") if isinstance(result, dict) else None
-        available = result.get("available") if isinstance(result, dict) else None
-        for name, value in (("possible", possible), ("available", available)):
-            if is_response(value):
-                raise ProviderError(
-                    self.id,
-                    "list",
-                    f"'{name}' evaluated to a $request response, not a list; take its body with "
-                    '{"$from": {"item": {"$request": ...}, "get": "json"}}',
-                )
-            if not isinstance(value, list):
-                raise ProviderError(
-                    self.id, "list", f"'{name}' evaluated to {type(value).__name__}, not a list; check the ruleset"
-                )
-        return possible, available
+        """Evaluate the `list` stage; return the possible and the available items.
+
+        `possible` is evaluated first and `available` then sees it as `$this.possible`.
+        A `$request` response stands for its JSON body, so `"possible": {"$request": ...}`
+        lists what a management system returns.
+        """
+        stage = self.definition["list"]
+        values = {**extra, "amount": amount}
+        possible = self.list_part("possible", self.run_stage("list", stage["possible"], values))
+        if stage["available"] == "$this.possible":
+            return possible, possible
+        available = self.run_stage("list", stage["available"], values, this={"possible": possible})
+        return possible, self.list_part("available", available)
+
+    def list_part(self, name: str, value: Any) -> list[Any]:
+        if failed_response(value):
+            raise ProviderError(self.id, "list", f"'{name}' got {describe_result(value)}")
+        value = response_body(value)
+        if not isinstance(value, list):
+            raise ProviderError(
+                self.id, "list", f"'{name}' evaluated to {type(value).__name__}, not a list; check the ruleset"
+            )
+        return value
 
     def checkout(self, request: CheckoutRequest) -> list[dict[str, Any]]:
         """List and check out items until at least `request.minimum` are held or the deadline passes.

@@ -245,8 +245,11 @@ def to_json_value(value: Any) -> Any:
         raise RulesetError(f"the ruleset produced a value that is not JSON: {error}") from None
 
 
-def evaluate(ruleset: Any, values: dict[str, Any], settings: Settings) -> Any:
-    """Evaluate one ruleset against `values`; return the JSON result or raise RulesetError."""
+def evaluate(ruleset: Any, values: dict[str, Any], settings: Settings, this: Any = None) -> Any:
+    """Evaluate one ruleset against `values`; return the JSON result or raise RulesetError.
+
+    `$this` is the document being evaluated, unless `this` gives another value.
+    """
     dataset = RulesetDataset()
     dataset.merge(values)
     dataset.merge(DATA_STRUCTURES)
@@ -255,7 +258,7 @@ def evaluate(ruleset: Any, values: dict[str, Any], settings: Settings) -> Any:
     dataset.add(SETTINGS_KEY, settings)
 
     document = copy.deepcopy(ruleset)
-    dataset.add("this", document)
+    dataset.add("this", document if this is None else this)
     result = JsonTas(dataset).resolve(document)
     if errors:
         raise RulesetError("; ".join(errors))
