@@ -10,6 +10,7 @@ everything checked in.
 
 from __future__ import annotations
 
+import json
 import logging
 import time
 from typing import Any
@@ -21,7 +22,7 @@ from .checkout import Checkout, failure_result
 from .claim import TestrunClaim
 from .collection import InvalidTestCollectionError
 from .errors import ConfigurationError, EnvironmentProviderError, TotalTimeoutError
-from .etcd import Database, LeaseKeeper, StorageUnavailableError
+from .etcd import Database, LeaseKeeper, StorageRequestError, StorageUnavailableError
 from .events import ProgressLog
 from .registry import load_configuration, testrun_lease, update_record
 from .release import release_testrun
@@ -42,9 +43,11 @@ def checkout_testrun(
 
     On any failure everything already checked out is checked in before the
     error result is returned. Bad input (an invalid id, an unconfigured
-    testrun) returns an error result without writing anything. Raises
-    DuplicateDeliveryError when another attempt of this task finished, and
-    StorageUnavailableError when etcd cannot be reached before the claim.
+    testrun) returns an error result without writing anything. When another
+    attempt of this task already ran to the end, returns that attempt's
+    outcome as stored in etcd, or raises DuplicateDeliveryError once the
+    testrun has been released since. Raises StorageUnavailableError when etcd
+    cannot be reached before the claim.
     """
     try:
         testrun_id = keys.validate_uuid(testrun_id, "testrun id")
@@ -52,6 +55,7 @@ def checkout_testrun(
             task_id = keys.validate_uuid(task_id, "task id")
         if not isinstance(suite_runner_ids, list):
             raise ConfigurationError(f"suite_runner_ids must be a list of UUIDs; got {type(suite_runner_ids).__name__}")
+        suite_runner_ids = [keys.validate_uuid(value, "suite runner id") for value in suite_runner_ids]
     except (keys.InvalidIdError, ConfigurationError) as error:
         LOGGER.error("checkout of testrun %r rejected: %s", testrun_id, error)
         return failure_result(error)
@@ -61,7 +65,11 @@ def checkout_testrun(
     claim = TestrunClaim(database, testrun_id, task_id)
     outcome = claim.wait(time.monotonic() + settings.total_timeout)
     if outcome == "finished":
-        raise DuplicateDeliveryError(f"task {task_id} already ran to the end for testrun {testrun_id}")
+        stored = stored_outcome(database, testrun_id)
+        if stored is None:
+            raise DuplicateDeliveryError(f"task {task_id} already ran to the end for testrun {testrun_id}")
+        LOGGER.warning("testrun %s: task %s already ran to the end; returning the outcome stored in etcd", testrun_id, task_id)
+        return stored
     if outcome == "timeout":
         error = ConfigurationError(
             f"testrun {testrun_id} stayed claimed by another checkout ({claim.holder()}) for the whole total timeout"
@@ -72,6 +80,38 @@ def checkout_testrun(
         return run_claimed(database, settings, testrun_id, suite_runner_ids, task_id, claim)
     finally:
         claim.release()
+
+
+def stored_outcome(database: Database, testrun_id: str) -> dict[str, Any] | None:
+    """Rebuild the result of an attempt that ran to the end from etcd, or return None once the testrun is released.
+
+    A worker that dies after its attempt ran to the end, but before Celery
+    stored the result, leaves the task without a result; the next delivery of
+    the task returns this one instead. A sub-suite released on its own since
+    is missing from it.
+    """
+    try:
+        configuration = load_configuration(database, testrun_id)
+    except ConfigurationError:
+        return None
+    record = configuration.record
+    if record.get("status") == "failed":
+        error = record.get("error") or "the checkout failed"
+        return {"error": error, "details": f"stored outcome of the attempt that ran to the end: {error}"}
+    if record.get("status") != "checked out":
+        return None
+
+    by_suite: dict[str, list[dict[str, Any]]] = {}
+    for key, value in configuration.sub_suite_keys.items():
+        parsed = keys.parse_sub_suite_key(key)
+        if parsed is not None and parsed.item == "suite":
+            by_suite.setdefault(parsed.suite_id, []).append(json.loads(value))
+    suites = []
+    for suite_id in record.get("suite_ids") or sorted(by_suite):
+        sub_suites = sorted(by_suite.get(suite_id, []), key=lambda sub_suite: int(sub_suite["name"].rsplit("_SubSuite_", 1)[1]))
+        if sub_suites:
+            suites.append({"suite_name": sub_suites[0]["name"].rsplit("_SubSuite_", 1)[0], "sub_suites": sub_suites})
+    return {"suites": suites, "error": None}
 
 
 def run_claimed(
@@ -119,7 +159,9 @@ def run_claimed(
     with LeaseKeeper(database, [lease, claim.lease], interval=claim.ttl / 3):
         try:
             result = checkout.run(suite_runner_ids)
-        except (EnvironmentProviderError, InvalidTestCollectionError, StorageUnavailableError, SoftTimeLimitExceeded) as error:
+        except (
+            EnvironmentProviderError, InvalidTestCollectionError, StorageUnavailableError, StorageRequestError, SoftTimeLimitExceeded,
+        ) as error:  # fmt: skip
             if isinstance(error, SoftTimeLimitExceeded):
                 error = TotalTimeoutError(f"the checkout of testrun {testrun_id} hit the task's time limit")
             return fail(database, settings, testrun_id, lease, progress, error)

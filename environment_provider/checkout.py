@@ -36,6 +36,7 @@ from .splitter import assign_counts, split_round_robin
 
 LOGGER = logging.getLogger(__name__)
 MAX_PREPARE_THREADS = 16
+TRANSACTION_SIZE = 100
 # Exceptions that pass through provider calls unchanged. Any other exception from a provider
 # (a plug-in may raise anything) becomes a ProviderError of the stage it came from.
 PASSED_THROUGH = (EnvironmentProviderError, StorageUnavailableError, SoftTimeLimitExceeded)
@@ -170,10 +171,12 @@ class Checkout:
         identity = self.configuration.config.get("identity", "")
         kept: list[dict[str, Any]] = []
         extra: list[dict[str, Any]] = []
+        seen: set[int] = set()
 
         def record_once(item: dict[str, Any]) -> None:
-            if any(item is seen for seen in kept + extra):
+            if id(item) in seen:
                 return
+            seen.add(id(item))
             if len(kept) >= maximum:
                 extra.append(item)
                 return
@@ -224,17 +227,32 @@ class Checkout:
         maximum = min(maximum, recipe_count)
 
         checked_out: list[tuple[str, dict[str, Any]]] = []
+        provider = plan.providers[IUT.key]
+        # Items of a provider that reserves nothing need no check-in, so one write per batch is as safe as one per item.
+        pending: dict[str, str] | None = None if provider.reserves_items else {}
 
         def record(item: dict[str, Any]) -> None:
             environment_id = str(uuid.uuid4())
-            self.record_item(plan, environment_id, IUT, item)
+            if pending is None:
+                self.record_item(plan, environment_id, IUT, item)
+            else:
+                pending[keys.sub_suite_item(self.testrun_id, plan.suite_id, environment_id, IUT.key)] = dumps(item)
             checked_out.append((environment_id, item))
 
-        provider = plan.providers[IUT.key]
         self.progress.message(f"checking out {minimum} to {maximum} IUTs from provider {provider.id!r} for test suite {plan.suite.name!r}")
-        self.checkout_items(plan, IUT, minimum, maximum, {"suite_id": plan.suite_id}, record)
+        try:
+            self.checkout_items(plan, IUT, minimum, maximum, {"suite_id": plan.suite_id}, record)
+        finally:
+            if pending:
+                self.write_batches(pending)
         self.progress.message(f"checked out {len(checked_out)} IUTs from provider {provider.id!r}")
         return checked_out
+
+    def write_batches(self, values: dict[str, str]) -> None:
+        """Write `values` in transactions of at most TRANSACTION_SIZE keys (etcd's default limit is 128)."""
+        items = list(values.items())
+        for start in range(0, len(items), TRANSACTION_SIZE):
+            self.database.put_many(dict(items[start : start + TRANSACTION_SIZE]), lease=self.lease)
 
     def prepare_iuts(self, plan: SuitePlan, iuts: list[tuple[str, dict[str, Any]]]) -> list[tuple[str, dict[str, Any]]]:
         """Run the IUT provider's prepare stage for all IUTs at once; check in the IUTs that fail it.
@@ -297,13 +315,29 @@ class Checkout:
             self.record_item(plan, environment_id, IUT, item)
         return prepared
 
-    def checkout_one(self, plan: SuitePlan, kind: Kind, values: dict[str, Any], environment_id: str) -> dict[str, Any]:
-        """Check out exactly one execution space or log area for one environment."""
+    def checkout_one(
+        self, plan: SuitePlan, kind: Kind, values: dict[str, Any], environment_id: str, pending: dict[str, str] | None = None
+    ) -> dict[str, Any]:
+        """Check out exactly one execution space or log area for one environment.
+
+        With `pending`, the item's key is added there for the caller's next
+        transaction instead of being written at once; if the checkout fails
+        after the item was returned, it is written before the error is raised.
+        """
+        key = keys.sub_suite_item(self.testrun_id, plan.suite_id, environment_id, kind.key)
 
         def record(item: dict[str, Any]) -> None:
-            self.record_item(plan, environment_id, kind, item)
+            if pending is None:
+                self.database.put(key, dumps(item), lease=self.lease)
+            else:
+                pending[key] = dumps(item)
 
-        return self.checkout_items(plan, kind, 1, 1, values, record)[0]
+        try:
+            return self.checkout_items(plan, kind, 1, 1, values, record)[0]
+        except BaseException:
+            if pending:
+                self.database.put_many(pending, lease=self.lease)
+            raise
 
     def build_sub_suites(self, plan: SuitePlan, iuts: list[tuple[str, dict[str, Any]]]) -> list[dict[str, Any]]:
         """Assign IUTs to test runners, check out their execution spaces and log areas, write the sub-suites."""
@@ -331,7 +365,9 @@ class Checkout:
                     "sub_suite_key": sub_suite_key,
                 }
                 executor = self.checkout_one(plan, EXECUTION_SPACE, values, environment_id)
-                log_area = self.checkout_one(plan, LOG_AREA, {**values, "executor": executor}, environment_id)
+                # The log area is recorded in the sub-suite's transaction below: nothing runs in between.
+                pending: dict[str, str] = {}
+                log_area = self.checkout_one(plan, LOG_AREA, {**values, "executor": executor}, environment_id, pending)
                 sub_suite = {
                     "name": f"{plan.suite.name}_SubSuite_{len(sub_suites)}",
                     "sub_suite_id": environment_id,
@@ -348,6 +384,7 @@ class Checkout:
                 }
                 self.database.put_many(
                     {
+                        **pending,
                         sub_suite_key: dumps(sub_suite),
                         keys.environment_testrun(environment_id): self.testrun_id,
                         keys.environment_suite(environment_id): plan.suite_id,
@@ -365,9 +402,8 @@ class Checkout:
         suites = test_suites_of(self.configuration.tercc)
         plans = self.plan(suites, suite_runner_ids)
         update_record(
-            self.database, self.testrun_id, self.lease, suite_ids=[plan.suite_id for plan in plans]
+            self.database, self.testrun_id, self.lease, self.configuration.record, suite_ids=[plan.suite_id for plan in plans]
         )
-        self.configuration.record["suite_ids"] = [plan.suite_id for plan in plans]
 
         result = []
         for plan in plans:

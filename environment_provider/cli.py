@@ -15,7 +15,7 @@ from typing import Any, Sequence
 from . import keys
 from .collection import InvalidTestCollectionError
 from .errors import EnvironmentProviderError
-from .etcd import Database, StorageUnavailableError
+from .etcd import Database, StorageRequestError, StorageUnavailableError
 from .keys import InvalidIdError
 from .settings import Settings, SettingsError
 from .validation import InvalidDocumentError, parse_json
@@ -27,6 +27,7 @@ USER_ERRORS = (
     InvalidDocumentError,
     InvalidTestCollectionError,
     StorageUnavailableError,
+    StorageRequestError,
     SettingsError,
 )
 

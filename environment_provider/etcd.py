@@ -11,8 +11,10 @@ import functools
 import logging
 import os
 import threading
+import time
 from typing import Any, Callable, Iterable, Iterator, TypeVar
 
+import grpc
 import pyetcd
 import pyetcd.exceptions
 
@@ -20,6 +22,9 @@ from .settings import Settings
 
 LOGGER = logging.getLogger(__name__)
 T = TypeVar("T")
+# Seconds to wait before repeating a failed call on another member, times the attempt number;
+# a cluster that lost its leader needs about a second to elect a new one.
+FAILOVER_DELAY = 0.5
 
 CONNECTION_ERRORS = (
     pyetcd.exceptions.ConnectionFailedError,
@@ -32,17 +37,42 @@ class StorageUnavailableError(RuntimeError):
     """etcd cannot be reached at the configured endpoints."""
 
 
+class StorageRequestError(ValueError):
+    """etcd rejected a request, for example one larger than its request size limit."""
+
+
 def _translate_errors(method: Callable[..., T]) -> Callable[..., T]:
+    """Raise StorageUnavailableError for connection errors; with several endpoints, try the call on the next member first.
+
+    The multi-endpoint client marks a member failed when a call to it fails,
+    but does not repeat the call. Repeating it here is safe for the calls of
+    Database: a put, delete or refresh applied twice has the same effect, a
+    lease granted twice leaves one unused lease that expires, and a create
+    applied before its timeout reports False, after which the caller sees
+    the key taken.
+    """
+
     @functools.wraps(method)
     def wrapper(self: "Database", *args: Any, **kwargs: Any) -> T:
-        try:
-            return method(self, *args, **kwargs)
-        except CONNECTION_ERRORS as error:
-            self.forget_client()
-            raise StorageUnavailableError(
-                f"etcd is not reachable at {self.settings.etcd_addresses} ({type(error).__name__}); "
-                "start etcd or set ETOS_ETCD_HOST and ETOS_ETCD_PORT (or ETOS_ETCD_ENDPOINTS)"
-            ) from error
+        attempts = len(self.settings.etcd_endpoints)
+        for attempt in range(1, attempts + 1):
+            try:
+                return method(self, *args, **kwargs)
+            except CONNECTION_ERRORS as error:
+                last_member = attempt == attempts or isinstance(error, pyetcd.exceptions.NoServerAvailableError)
+                if not last_member:
+                    LOGGER.warning(
+                        "etcd call %s failed (%s); trying another of the endpoints %s",
+                        method.__name__, type(error).__name__, self.settings.etcd_addresses,
+                    )  # fmt: skip
+                    time.sleep(FAILOVER_DELAY * attempt)
+                    continue
+                self.forget_client()
+                raise StorageUnavailableError(
+                    f"etcd is not reachable at {self.settings.etcd_addresses} ({type(error).__name__}); "
+                    "start etcd or set ETOS_ETCD_HOST and ETOS_ETCD_PORT (or ETOS_ETCD_ENDPOINTS)"
+                ) from error
+        raise AssertionError("not reached: the last attempt returns or raises")
 
     return wrapper
 

@@ -18,7 +18,7 @@ from .etcd import Database
 from .keys import KINDS, KINDS_BY_DEFINITION_KEY, TIMEOUT_KINDS, InvalidIdError, Kind
 from .providers.loader import provider_class
 from .settings import Settings
-from .validation import InvalidDocumentError, parse_json, validate
+from .validation import InvalidDocumentError, check_stored_size, parse_json, validate
 
 LOGGER = logging.getLogger(__name__)
 MAX_TIMEOUT = 7 * 24 * 3600
@@ -39,6 +39,7 @@ def now() -> str:
 def check_definition(definition: Any, source: str = "the provider definition") -> tuple[Kind, str]:
     """Validate a provider definition; return its kind and id or raise InvalidDocumentError."""
     validate(definition, "provider.json", source)
+    check_stored_size(len(dumps(definition).encode()), source, "move large data into the dataset or behind a $request")
     (definition_key, inner), = definition.items()
     kind = KINDS_BY_DEFINITION_KEY[definition_key]
     try:
@@ -300,6 +301,11 @@ def configure_testrun(
     values.update({keys.testrun_provider(testrun_id, kind): text for kind, text in chosen.items()})
     values.update({keys.timeout(testrun_id, kind): repr(seconds) for kind, seconds in timeouts.items()})
     stale = [keys.timeout(testrun_id, kind) for kind in TIMEOUT_KINDS if kind not in timeouts]
+    try:
+        check_stored_size(len(values[keys.tercc(testrun_id)].encode()), "the TERCC", "serve the test collection at data.batchesUri")
+        check_stored_size(sum(len(value.encode()) for value in values.values()), "the testrun configuration", "serve the test collection at data.batchesUri and keep the dataset small")
+    except InvalidDocumentError as error:
+        raise InvalidTestCollectionError(str(error)) from None
     database.put_many(values, lease=lease, delete=stale)
     LOGGER.info("configured testrun %s with providers %s, %s, %s", testrun_id, iut_provider, execution_space_provider, log_area_provider)
     return load_configuration(database, testrun_id)

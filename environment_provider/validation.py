@@ -12,6 +12,8 @@ from referencing import Registry, Resource
 
 MAX_DOCUMENT_BYTES = 4 * 1024 * 1024
 MAX_DEPTH = 64
+# etcd rejects a request over --max-request-bytes (1.5 MiB by default); this leaves room for the other keys.
+MAX_STORED_BYTES = 1_400_000
 
 
 class InvalidDocumentError(ValueError):
@@ -49,6 +51,15 @@ def check_bounds(document: Any, what: str) -> None:
     """Reject documents nested deeper than MAX_DEPTH levels."""
     if _depth(document, MAX_DEPTH) > MAX_DEPTH:
         raise InvalidDocumentError(f"{what} is nested deeper than {MAX_DEPTH} levels; flatten it")
+
+
+def check_stored_size(size: int, what: str, hint: str) -> None:
+    """Reject a value of `size` bytes that etcd would refuse to store; `hint` says what to do instead."""
+    if size > MAX_STORED_BYTES:
+        raise InvalidDocumentError(
+            f"{what} is {size} bytes as JSON, more than the limit of {MAX_STORED_BYTES} bytes that etcd accepts "
+            f"in one request; {hint}"
+        )
 
 
 def parse_json(text: str | bytes, what: str) -> Any:

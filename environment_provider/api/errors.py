@@ -24,7 +24,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from ..client import BrokerUnavailableError
 from ..collection import InvalidTestCollectionError
 from ..errors import ConfigurationError
-from ..etcd import StorageUnavailableError
+from ..etcd import StorageRequestError, StorageUnavailableError
 from ..keys import InvalidIdError
 from ..settings import Settings
 from ..validation import MAX_DEPTH, InvalidDocumentError
@@ -164,6 +164,13 @@ async def handle_grpc_error(request: Request, error: grpc.RpcError) -> JSONRespo
     return JSONResponse(status_code=503, content={"error": f"etcd failed ({code}: {details}); try again", "field": None})
 
 
+async def handle_storage_request_error(request: Request, error: StorageRequestError) -> JSONResponse:
+    """Return 413 for a write that etcd rejected, such as one over its request size limit."""
+    LOGGER.warning("%s %s: %s", request.method, request.url.path, error)
+    message = f"{error}; send a smaller TERCC, dataset or definition"
+    return JSONResponse(status_code=413, content={"error": message, "field": "body"})
+
+
 async def handle_unavailable(request: Request, error: Exception) -> JSONResponse:
     LOGGER.error("%s %s failed: %s", request.method, request.url.path, error)
     return JSONResponse(status_code=503, content={"error": str(error), "field": None})
@@ -230,6 +237,7 @@ def install_error_handlers(app: FastAPI) -> None:
     app.add_exception_handler(RequestValidationError, handle_validation_error)  # type: ignore[arg-type]
     app.add_exception_handler(StarletteHTTPException, handle_http_exception)  # type: ignore[arg-type]
     app.add_exception_handler(grpc.RpcError, handle_grpc_error)  # type: ignore[arg-type]
+    app.add_exception_handler(StorageRequestError, handle_storage_request_error)  # type: ignore[arg-type]
     for unavailable in (StorageUnavailableError, BrokerUnavailableError):
         app.add_exception_handler(unavailable, handle_unavailable)
     for invalid in (InvalidIdError, InvalidDocumentError, InvalidTestCollectionError, ConfigurationError):

@@ -116,6 +116,15 @@ class Provider:
         self.context = context
 
     @property
+    def reserves_items(self) -> bool:
+        """Whether a checkout holds something on a peer that a check-in must give back.
+
+        When False (a static list, say), the environment provider may record
+        the items of one checkout in batches. Defaults to True.
+        """
+        return True
+
+    @property
     def id(self) -> str:
         return str(self.definition.get("id", "?"))
 

@@ -59,6 +59,10 @@ class JsontasProvider(Provider):
         values.update(extra)
         return values
 
+    @property
+    def reserves_items(self) -> bool:
+        return "checkout" in self.definition or "checkin" in self.definition
+
     def run_stage(self, stage: str, ruleset: Any, extra: dict[str, Any], this: Any = None) -> Any:
         try:
             return evaluate(ruleset, self.values(extra), self.context.settings, this)

@@ -38,6 +38,8 @@ WRAPPED_VALUE = "__value__"
 # level; the errors are reported through RulesetError instead.
 logging.getLogger("JSONTas").setLevel(logging.WARNING)
 logging.getLogger("Dataset").setLevel(logging.CRITICAL)
+# httpx logs each request URL, query string included, at INFO; a ruleset may put a token there.
+logging.getLogger("httpx").setLevel(logging.WARNING)
 
 
 class RulesetError(ValueError):
@@ -259,7 +261,9 @@ def evaluate(ruleset: Any, values: dict[str, Any], settings: Settings, this: Any
 
     document = copy.deepcopy(ruleset)
     dataset.add("this", document if this is None else this)
-    result = JsonTas(dataset).resolve(document)
+    # JSONTas starts a top-level list's query tree as an empty dict and then indexes it; give it the list.
+    query_tree = copy.deepcopy(document) if isinstance(document, list) else None
+    result = JsonTas(dataset).resolve(document, query_tree)
     if errors:
         raise RulesetError("; ".join(errors))
     return to_json_value(result)
