@@ -301,11 +301,12 @@ def configure_testrun(
     values.update({keys.testrun_provider(testrun_id, kind): text for kind, text in chosen.items()})
     values.update({keys.timeout(testrun_id, kind): repr(seconds) for kind, seconds in timeouts.items()})
     stale = [keys.timeout(testrun_id, kind) for kind in TIMEOUT_KINDS if kind not in timeouts]
-    try:
-        check_stored_size(len(values[keys.tercc(testrun_id)].encode()), "the TERCC", "serve the test collection at data.batchesUri")
-        check_stored_size(sum(len(value.encode()) for value in values.values()), "the testrun configuration", "serve the test collection at data.batchesUri and keep the dataset small")
-    except InvalidDocumentError as error:
-        raise InvalidTestCollectionError(str(error)) from None
+    check_stored_size(len(values[keys.tercc(testrun_id)].encode()), "the TERCC", "serve the test collection at data.batchesUri")
+    check_stored_size(
+        sum(len(value.encode()) for value in values.values()),
+        "the testrun configuration",
+        "serve the test collection at data.batchesUri and keep the dataset small",
+    )
     database.put_many(values, lease=lease, delete=stale)
     LOGGER.info("configured testrun %s with providers %s, %s, %s", testrun_id, iut_provider, execution_space_provider, log_area_provider)
     return load_configuration(database, testrun_id)

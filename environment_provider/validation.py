@@ -20,6 +20,14 @@ class InvalidDocumentError(ValueError):
     """A document failed validation; the message names the JSON path and the reason."""
 
 
+class DocumentTooLargeError(InvalidDocumentError):
+    """A document is larger than etcd accepts in one request; `what` names the document."""
+
+    def __init__(self, message: str, what: str) -> None:
+        super().__init__(message)
+        self.what = what
+
+
 @functools.cache
 def _schema_registry() -> tuple[Registry, dict[str, Any]]:
     schemas = {}
@@ -56,9 +64,10 @@ def check_bounds(document: Any, what: str) -> None:
 def check_stored_size(size: int, what: str, hint: str) -> None:
     """Reject a value of `size` bytes that etcd would refuse to store; `hint` says what to do instead."""
     if size > MAX_STORED_BYTES:
-        raise InvalidDocumentError(
-            f"{what} is {size} bytes as JSON, more than the limit of {MAX_STORED_BYTES} bytes that etcd accepts "
-            f"in one request; {hint}"
+        raise DocumentTooLargeError(
+            f"{what} is too large: {size} bytes as JSON, more than the limit of {MAX_STORED_BYTES} bytes that etcd "
+            f"accepts in one request; {hint}",
+            what,
         )
 
 

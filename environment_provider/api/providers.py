@@ -25,7 +25,7 @@ from ..registry import (
     load_configuration,
     register_definitions,
 )
-from ..validation import check_bounds, parse_json
+from ..validation import DocumentTooLargeError, check_bounds, parse_json
 from .errors import ApiError, errors_about
 from .models import TESTRUN_ID, ConfigurationResponse, ConfigureRequest, RegisterRequest
 from .responses import error_responses
@@ -191,8 +191,9 @@ def configure(body: ConfigureRequest, services: ServicesDependency, credentials:
         # Every field was checked above, so what is left is a testrun that still has checked-out environments.
         raise ApiError(409, str(error), "suite_id") from None
     except InvalidTestCollectionError as error:
-        # The test collection behind data.batchesUri could not be fetched, or is invalid.
         raise ApiError(422, str(error), "tercc") from None
+    except DocumentTooLargeError as error:
+        raise ApiError(413, str(error), "tercc" if error.what == "the TERCC" else "body") from None
     return configuration.as_json()
 
 
