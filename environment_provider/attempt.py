@@ -131,7 +131,7 @@ def run_claimed(
         return failure_result(error)
 
     lease = configuration.lease or testrun_lease(database, testrun_id, settings)
-    progress = ProgressLog(database, testrun_id, lease)
+    progress = ProgressLog(database, testrun_id, lease, configuration.last_event)
     attempts = record.get("attempts", 0) + 1 if task_id is not None and record.get("task_id") == task_id else 1
     if task_id is not None:
         database.put_many({keys.task_id(testrun_id): task_id, keys.task_testrun(task_id): testrun_id}, lease=lease)

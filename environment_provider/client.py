@@ -7,6 +7,7 @@ import time
 import uuid
 from typing import Any, Callable
 
+import celery.exceptions
 import redis.exceptions
 from celery import Celery
 from kombu.exceptions import OperationalError
@@ -14,7 +15,7 @@ from kombu.exceptions import OperationalError
 from . import keys
 from .errors import EnvironmentProviderError
 from .etcd import Database
-from .registry import load_configuration, testrun_lease
+from .registry import load_configuration
 from .settings import Settings
 
 TASK_NAME = "EnvironmentProvider"
@@ -58,8 +59,12 @@ def enqueue_checkout(app: Celery, database: Database, settings: Settings, testru
     """
     testrun_id = keys.validate_uuid(testrun_id, "testrun id")
     suite_runner_ids = [keys.validate_uuid(value, "suite runner id") for value in suite_runner_ids]
-    configuration = load_configuration(database, testrun_id)
-    total = configuration.timeout("total", settings)
+    # configure writes the record and the rest in one transaction, so the record alone shows the testrun is configured.
+    record, lease = database.get_with_lease(keys.testrun(testrun_id))
+    if record is None:
+        load_configuration(database, testrun_id)  # raises the "not configured" error
+    total_text = database.get(keys.timeout(testrun_id, "total"))
+    total = float(total_text) if total_text else settings.total_timeout
 
     check_broker(app, settings)
     task_id = str(uuid.uuid4())
@@ -77,7 +82,6 @@ def enqueue_checkout(app: Celery, database: Database, settings: Settings, testru
         # The Redis result backend raises RuntimeError once its reconnection attempts run out.
         raise broker_error(settings, error) from None
 
-    lease = configuration.lease or testrun_lease(database, testrun_id, settings)
     database.put_many({keys.task_id(testrun_id): task_id, keys.task_testrun(task_id): testrun_id}, lease=lease)
     return task_id
 
@@ -113,7 +117,11 @@ def wait_for_result(
     result = app.AsyncResult(task_id)
     while True:
         try:
-            ready = result.ready()
+            # Returns as soon as the result is published (Redis pub/sub), or after `interval`.
+            result.get(timeout=interval, propagate=False)
+            ready = True
+        except celery.exceptions.TimeoutError:
+            ready = False
         except (OperationalError, redis.exceptions.RedisError) as error:
             raise broker_error(settings, error) from None
         events = sorted(
@@ -130,4 +138,3 @@ def wait_for_result(
                 f"task {task_id} did not finish within {timeout:g} s; is a worker running? "
                 f"Check with 'environment-provider status {task_id}'"
             )
-        time.sleep(interval)

@@ -137,6 +137,13 @@ class Database:
         return {metadata.key.decode(): value.decode() for value, metadata in self.client.get_prefix(prefix)}
 
     @_translate_errors
+    def get_prefix_with_leases(self, prefix: str) -> dict[str, tuple[str, int]]:
+        """Return every key under `prefix` with its value and lease id (0 for none), in key order."""
+        return {
+            metadata.key.decode(): (value.decode(), metadata.lease_id) for value, metadata in self.client.get_prefix(prefix)
+        }
+
+    @_translate_errors
     def keys_prefix(self, prefix: str) -> list[str]:
         """Return every key under `prefix`, without values."""
         return [metadata.key.decode() for _, metadata in self.client.get_prefix(prefix, keys_only=True)]

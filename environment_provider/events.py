@@ -36,13 +36,16 @@ class ProgressLog:
     all are stored.
     """
 
-    def __init__(self, database: Database, testrun_id: str, lease: int) -> None:
+    def __init__(self, database: Database, testrun_id: str, lease: int, last_event: int | None = None) -> None:
+        """Continue after sequence `last_event`, or after the highest stored sequence when it is None."""
         self.database = database
         self.testrun_id = testrun_id
         self.lease = lease
         self._lock = threading.Lock()
-        existing = database.keys_prefix(keys.sse_prefix(testrun_id))
-        self._next = max((sequence_of(key) for key in existing), default=0) + 1
+        if last_event is None:
+            existing = database.keys_prefix(keys.sse_prefix(testrun_id))
+            last_event = max((sequence_of(key) for key in existing), default=0)
+        self._next = last_event + 1
         self._pending: queue.Queue[tuple[int, str] | None] = queue.Queue()
         self._writer: threading.Thread | None = None
 

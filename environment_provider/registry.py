@@ -131,6 +131,7 @@ class TestrunConfiguration:
     task_id: str | None
     lease: int = 0
     sub_suite_keys: dict[str, str] = field(default_factory=dict)
+    last_event: int = 0
 
     def provider_definition(self, kind: Kind) -> dict[str, Any]:
         """The inner definition (`id`, `type`, stages) of the chosen provider of `kind`."""
@@ -157,9 +158,10 @@ class TestrunConfiguration:
 
 def load_configuration(database: Database, testrun_id: str) -> TestrunConfiguration:
     """Read a testrun's configuration; raise ConfigurationError when it was never configured."""
-    record_key = keys.testrun(testrun_id)
-    record_text, lease = database.get_with_lease(record_key)
-    values = database.get_prefix(keys.testrun_prefix(testrun_id))
+    # One range request: the record key is the prefix of all the others, and ids have a fixed length.
+    stored = database.get_prefix_with_leases(keys.testrun(testrun_id))
+    record_text, lease = stored.pop(keys.testrun(testrun_id), (None, 0))
+    values = {key: value for key, (value, _) in stored.items()}
     if record_text is None or keys.tercc(testrun_id) not in values:
         raise ConfigurationError(
             f"testrun {testrun_id} is not configured; run 'environment-provider configure --testrun {testrun_id} ...' "
@@ -176,6 +178,7 @@ def load_configuration(database: Database, testrun_id: str) -> TestrunConfigurat
     timeout_prefix = keys.timeout_prefix(testrun_id)
     timeouts = {key[len(timeout_prefix):]: float(value) for key, value in values.items() if key.startswith(timeout_prefix)}
     suites_prefix = keys.suites_prefix(testrun_id)
+    sse_prefix = keys.sse_prefix(testrun_id)
     return TestrunConfiguration(
         testrun_id=testrun_id,
         record=json.loads(record_text),
@@ -187,6 +190,7 @@ def load_configuration(database: Database, testrun_id: str) -> TestrunConfigurat
         task_id=values.get(keys.task_id(testrun_id)),
         lease=lease,
         sub_suite_keys={key: value for key, value in values.items() if key.startswith(suites_prefix)},
+        last_event=max((int(key[len(sse_prefix):]) for key in values if key.startswith(sse_prefix)), default=0),
     )
 
 

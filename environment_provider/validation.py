@@ -87,11 +87,16 @@ def parse_json(text: str | bytes, what: str) -> Any:
     return document
 
 
+@functools.cache
+def _validator(schema_name: str) -> jsonschema.Draft202012Validator:
+    registry, schemas = _schema_registry()
+    return jsonschema.Draft202012Validator(schemas[schema_name], registry=registry)
+
+
 def validate(document: Any, schema_name: str, what: str) -> None:
     """Validate `document` against a bundled schema; the error names the first failing JSON path."""
     check_bounds(document, what)
-    registry, schemas = _schema_registry()
-    validator = jsonschema.Draft202012Validator(schemas[schema_name], registry=registry)
+    validator = _validator(schema_name)
     error = jsonschema.exceptions.best_match(validator.iter_errors(document))
     if error is not None:
         raise InvalidDocumentError(f"{what} is invalid at {error.json_path}: {error.message}")
