@@ -364,9 +364,11 @@ class Checkout:
                     "suite_id": plan.suite_id,
                     "sub_suite_key": sub_suite_key,
                 }
-                executor = self.checkout_one(plan, EXECUTION_SPACE, values, environment_id)
-                # The log area is recorded in the sub-suite's transaction below: nothing runs in between.
+                # The log area is recorded in the sub-suite's transaction below, since nothing runs in between.
+                # So is the execution space when its provider reserves nothing that a check-in must give back.
                 pending: dict[str, str] = {}
+                deferred = None if plan.providers[EXECUTION_SPACE.key].reserves_items else pending
+                executor = self.checkout_one(plan, EXECUTION_SPACE, values, environment_id, deferred)
                 log_area = self.checkout_one(plan, LOG_AREA, {**values, "executor": executor}, environment_id, pending)
                 sub_suite = {
                     "name": f"{plan.suite.name}_SubSuite_{len(sub_suites)}",
