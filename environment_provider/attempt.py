@@ -123,11 +123,13 @@ def run_claimed(
         LOGGER.error("checkout of testrun %s rejected: %s", testrun_id, error)
         return failure_result(error)
     record = configuration.record
-    if configuration.sub_suite_keys and record.get("status") == "checked out" and record.get("task_id") != task_id:
-        error = ConfigurationError(
-            f"testrun {testrun_id} is already checked out by task {record.get('task_id')}; release it first"
-        )
+    owner = record.get("task_id")
+    if configuration.sub_suite_keys and record.get("status") == "checked out" and owner != task_id:
+        error = ConfigurationError(f"testrun {testrun_id} is already checked out by task {owner}; release it first")
         LOGGER.error("%s", error)
+        if owner and configuration.task_id != owner:
+            # The enqueue helper pointed the task-id key at this task; point it back at the owner's.
+            database.put(keys.task_id(testrun_id), owner, lease=configuration.lease)
         return failure_result(error)
 
     lease = configuration.lease or testrun_lease(database, testrun_id, settings)

@@ -176,16 +176,22 @@ class Commands:
     def status(self, args: argparse.Namespace) -> int:
         from .client import task_status
 
+        testrun_id = self.database.get(keys.task_testrun(keys.validate_uuid(args.task_id, "task id")))
+        if testrun_id is None:
+            raise UsageError(f"task {args.task_id} is not known: no checkout was enqueued or started with that id")
         status = task_status(self.app, self.settings, args.task_id)
-        testrun_id = self.database.get(keys.task_testrun(args.task_id))
         status["testrun_id"] = testrun_id
+        result = status["result"]
+        if isinstance(result, dict) and result.get("error"):
+            # A failed checkout returns an error result rather than raising; report it as the failure it is.
+            status["status"] = "FAILURE"
         if args.json:
             print_json(status)
         else:
-            print(f"task {args.task_id}: {status['status']} (testrun {testrun_id or 'unknown'})")
-            if status["result"]:
-                print_summary(status["result"], args.task_id)
-        return 0
+            print(f"task {args.task_id}: {status['status']} (testrun {testrun_id})")
+            if result:
+                print_summary(result, args.task_id)
+        return 1 if status["status"] == "FAILURE" else 0
 
     def release(self, args: argparse.Namespace) -> int:
         from .release import release_environment, release_task, release_testrun
@@ -199,19 +205,21 @@ class Commands:
         if args.json:
             print_json(report.as_json())
         elif report.not_found:
-            print(f"nothing to release: {report.not_found}")
+            print(f"{PROGRAM}: error: nothing to release: {report.not_found}", file=sys.stderr)
         else:
-            print(f"released {len(report.released)} environments")
+            print(f"released {plural(len(report.released), 'environment')}")
             for failure in report.failures:
                 print(f"{PROGRAM}: error: {failure}", file=sys.stderr)
             if report.failures:
                 print(f"{PROGRAM}: the release is incomplete; the keys of the items above are kept, run the release again", file=sys.stderr)
-        return 0 if report.complete else 1
+        return 0 if report.complete and not report.not_found else 1
 
     def worker(self, args: argparse.Namespace) -> int:
         options = list(args.celery_options)
         if options[:1] == ["--"]:
             options = options[1:]
+        if not any(option in ("-l", "--loglevel") or option.startswith("--loglevel=") for option in options):
+            options += ["--loglevel", "INFO"]  # progress lines are logged at INFO
         command = [sys.executable, "-m", "celery", "-A", "environment_provider.celery_app", "worker", *options]
         os.execv(sys.executable, command)
         return 0  # not reached
@@ -314,6 +322,10 @@ class ProgressDisplay:
             self.stream.flush()
 
 
+def plural(count: int, noun: str) -> str:
+    return f"{count} {noun}" if count == 1 else f"{count} {noun}s"
+
+
 def print_summary(result: dict[str, Any], task_id: str) -> None:
     """Print a task result for people: one line per sub-suite, or the error."""
     if result.get("error"):
@@ -327,7 +339,7 @@ def print_summary(result: dict[str, Any], task_id: str) -> None:
         for sub_suite in suite["sub_suites"]:
             executor = sub_suite["executor"].get("instructions", {}).get("image") or sub_suite["executor"].get("provider_id")
             print(
-                f"    {sub_suite['name']}: environment {sub_suite['sub_suite_id']}, {len(sub_suite['recipes'])} recipes, "
+                f"    {sub_suite['name']}: environment {sub_suite['sub_suite_id']}, {plural(len(sub_suite['recipes']), 'recipe')}, "
                 f"IUT from {sub_suite['iut'].get('provider_id')!r} ({sub_suite['iut'].get('identity', '')}), "
                 f"execution space {executor}, log area {sub_suite['log_area'].get('livelogs') or sub_suite['log_area'].get('provider_id')}"
             )
@@ -424,7 +436,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     if passthrough:
         args.celery_options = passthrough
     logging.basicConfig(
-        level=logging.DEBUG if args.verbose else logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+        # Without -v only errors are logged: the commands print their own one-line outcome.
+        level=logging.DEBUG if args.verbose else logging.ERROR, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
     try:
         settings = Settings.from_environment()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -18,6 +19,7 @@ from .settings import Settings
 
 LOGGER = logging.getLogger(__name__)
 RELEASE_ORDER: tuple[Kind, ...] = (EXECUTION_SPACE, LOG_AREA, IUT)
+MAX_RELEASE_THREADS = 16
 
 
 @dataclass
@@ -141,8 +143,17 @@ def release_testrun(database: Database, settings: Settings, testrun_id: str) -> 
         return ReleaseReport(not_found=f"testrun {testrun_id} is not configured (never, or its lease expired)")
 
     report = ReleaseReport()
-    for (suite_id, environment_id), values in group_sub_suites(configuration.sub_suite_keys).items():
-        report.merge(release_sub_suite(database, settings, configuration, suite_id, environment_id, values))
+    groups = list(group_sub_suites(configuration.sub_suite_keys).items())
+    if groups:
+        # Check-ins of different sub-suites are independent; a slow or unreachable provider then costs its
+        # retry time once, not once per sub-suite.
+        with ThreadPoolExecutor(max_workers=min(MAX_RELEASE_THREADS, len(groups))) as pool:
+            reports = pool.map(
+                lambda group: release_sub_suite(database, settings, configuration, group[0][0], group[0][1], group[1]),
+                groups,
+            )
+            for each in reports:
+                report.merge(each)
 
     status = "released" if report.complete else "release incomplete"
     update_record(database, testrun_id, configuration.lease, status=status)
@@ -157,9 +168,17 @@ def testrun_of_task(database: Database, task_id: str) -> str | None:
 
 def release_task(database: Database, settings: Settings, task_id: str) -> ReleaseReport:
     """Release the whole testrun of a Celery task."""
-    testrun_id = testrun_of_task(database, keys.validate_uuid(task_id, "task id"))
+    task_id = keys.validate_uuid(task_id, "task id")
+    testrun_id = testrun_of_task(database, task_id)
     if testrun_id is None:
         return ReleaseReport(not_found=f"task {task_id} is not known: no key {keys.task_testrun(task_id)}")
+    record_text = database.get(keys.testrun(testrun_id))
+    owner = json.loads(record_text).get("task_id") if record_text else None
+    if owner and owner != task_id and database.keys_prefix(keys.suites_prefix(testrun_id)):
+        return ReleaseReport(
+            not_found=f"task {task_id} holds no environments of testrun {testrun_id}: task {owner} checked them out; "
+            f"release with --task {owner} or --testrun {testrun_id}"
+        )
     return release_testrun(database, settings, testrun_id)
 
 

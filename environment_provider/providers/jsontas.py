@@ -102,6 +102,9 @@ class JsontasProvider(Provider):
         """
         delay = FIRST_BACKOFF
         reported_wait = False
+        # The first checkout-stage failures are kept for the timeout message: by the last listing the
+        # items that failed may no longer be available, and the message would give no reason at all.
+        first_failures: list[str] = []
         while True:
             possible, available = self.list(request.maximum, request.values)
             if not possible:
@@ -118,6 +121,10 @@ class JsontasProvider(Provider):
             failures: list[str] = []
             if len(available) >= request.minimum:
                 items = self._checkout_items(available, request, failures)
+                if failures and not first_failures:
+                    first_failures = failures[:3]
+                    for failure in first_failures:
+                        self.context.progress(f"checkout stage of provider {self.id!r} failed: {failure}")
                 if len(items) >= request.minimum:
                     return items
                 for _, error in self.checkin_all(items):
@@ -125,7 +132,8 @@ class JsontasProvider(Provider):
 
             remaining = request.deadline - time.monotonic()
             if remaining <= 0:
-                reasons = f"; last failures: {'; '.join(failures[:3])}" if failures else ""
+                shown = failures[:3] or first_failures
+                reasons = f"; checkout-stage failures: {'; '.join(shown)}" if shown else ""
                 raise CheckoutTimeoutError(
                     self.id,
                     "checkout",
