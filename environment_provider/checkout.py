@@ -30,7 +30,7 @@ from .keys import EXECUTION_SPACE, IUT, LOG_AREA, Kind
 from .providers.base import CheckoutRequest, Provider, ProviderContext
 from .providers.jsontas import JsontasProvider
 from .providers.loader import create_provider
-from .registry import TestrunConfiguration, check_dataset, dumps, update_record
+from .registry import TestrunConfiguration, check_dataset, dumps, iut_bounds, update_record
 from .settings import Settings
 from .splitter import assign_counts, split_round_robin
 
@@ -213,18 +213,7 @@ class Checkout:
 
     def checkout_iuts(self, plan: SuitePlan) -> list[tuple[str, dict[str, Any]]]:
         """Check out this suite's IUTs; return (environment id, IUT) pairs."""
-        runners = plan.suite.recipes_by_runner
-        recipe_count = len(plan.suite.recipes)
-        maximum = plan.dataset.get("maximum_amount", recipe_count)
-        if isinstance(maximum, bool) or not isinstance(maximum, int) or maximum < 1:
-            raise ConfigurationError(f"dataset value maximum_amount={maximum!r} must be a whole number of at least 1")
-        minimum = len(runners)
-        if maximum < minimum:
-            raise ConfigurationError(
-                f"maximum_amount={maximum} is lower than the {minimum} test runners of test suite {plan.suite.name!r}; "
-                f"raise it to at least {minimum}"
-            )
-        maximum = min(maximum, recipe_count)
+        minimum, maximum = iut_bounds(plan.dataset, plan.suite)
 
         checked_out: list[tuple[str, dict[str, Any]]] = []
         provider = plan.providers[IUT.key]

@@ -145,6 +145,12 @@ class Commands:
             config=config,
             timeouts=parse_timeouts(args.timeout),
         )
+        if not configuration.config.get("identity"):
+            print(
+                f"{PROGRAM}: warning: no --identity given; rulesets that read $identity get nothing "
+                "(give the artifact's package URL, e.g. pkg:docker/acme/router@2.4.1)",
+                file=sys.stderr,
+            )
         if args.json:
             print_json(configuration.as_json())
         else:

@@ -11,6 +11,12 @@ class ConfigurationError(EnvironmentProviderError):
     """A testrun or provider configuration is missing, unknown or inconsistent."""
 
 
+class TestrunCheckedOutError(ConfigurationError):
+    """The testrun has checked-out environments, so it cannot be configured again until it is released."""
+
+    __test__ = False
+
+
 class ProviderError(EnvironmentProviderError):
     """A provider failed in one stage (`list`, `checkout`, `checkin`, `prepare`, `start`, `status`, `stop`)."""
 

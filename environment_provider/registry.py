@@ -12,8 +12,8 @@ from typing import Any
 from packageurl import PackageURL
 
 from . import keys
-from .collection import InvalidTestCollectionError, check_tercc, parse_test_suites
-from .errors import ConfigurationError
+from .collection import InvalidTestCollectionError, TestSuite, check_tercc, parse_test_suites
+from .errors import ConfigurationError, TestrunCheckedOutError
 from .etcd import Database
 from .keys import KINDS, KINDS_BY_DEFINITION_KEY, TIMEOUT_KINDS, InvalidIdError, Kind
 from .providers.loader import provider_class
@@ -209,6 +209,26 @@ def check_dataset(dataset: Any, suite_count: int | None) -> None:
         )
 
 
+def iut_bounds(dataset: dict[str, Any], suite: TestSuite) -> tuple[int, int]:
+    """Return the (minimum, maximum) number of IUTs to check out for a test suite.
+
+    The minimum is one per test runner; the maximum is the dataset's
+    `maximum_amount` (default: the number of recipes), never more than the
+    number of recipes. Raises ConfigurationError for an unusable maximum_amount.
+    """
+    recipe_count = len(suite.recipes)
+    maximum = dataset.get("maximum_amount", recipe_count)
+    if isinstance(maximum, bool) or not isinstance(maximum, int) or maximum < 1:
+        raise ConfigurationError(f"dataset value maximum_amount={maximum!r} must be a whole number of at least 1")
+    minimum = len(suite.recipes_by_runner)
+    if maximum < minimum:
+        raise ConfigurationError(
+            f"maximum_amount={maximum} is lower than the {minimum} test runners of test suite {suite.name!r}; "
+            f"raise it to at least {minimum}"
+        )
+    return minimum, min(maximum, recipe_count)
+
+
 def check_config(config: Any) -> dict[str, Any]:
     """Validate the testrun config: `identity` (purl), `artifact_id` and `context` strings."""
     if not isinstance(config, dict):
@@ -273,8 +293,10 @@ def configure_testrun(
     timeouts = check_timeouts({} if timeouts is None else timeouts)
 
     # A collection behind data.batchesUri is fetched by the worker, which may reach hosts that this process cannot.
-    suite_count = len(parse_test_suites(tercc["data"]["batches"])) if check_tercc(tercc) else None
-    check_dataset(dataset, suite_count)
+    suites = parse_test_suites(tercc["data"]["batches"]) if check_tercc(tercc) else None
+    check_dataset(dataset, None if suites is None else len(suites))
+    for index, suite in enumerate(suites or []):
+        iut_bounds(dataset[index] if isinstance(dataset, list) else dataset, suite)
 
     chosen = {}
     for kind, name in ((keys.IUT, iut_provider), (keys.EXECUTION_SPACE, execution_space_provider), (keys.LOG_AREA, log_area_provider)):
@@ -289,7 +311,7 @@ def configure_testrun(
 
     existing = database.keys_prefix(keys.suites_prefix(testrun_id))
     if existing:
-        raise ConfigurationError(
+        raise TestrunCheckedOutError(
             f"testrun {testrun_id} has checked-out environments; release it before configuring it again"
         )
 

@@ -20,6 +20,7 @@ from httpx_sse import ServerSentEvent, connect_sse
 
 from environment_provider import keys
 from environment_provider.local import free_port
+from environment_provider.registry import register_definition
 
 from conftest import EXAMPLE_CONFIG, EXAMPLE_DATASET, load_definition
 
@@ -260,18 +261,31 @@ def test_full_flow_checks_out_and_releases(client, database, worker, tercc, uniq
     assert released_twice.json()["released"] == []
 
 
-def test_failed_checkout_status_is_failure(client, database, worker, providers, tercc):
+def test_failed_checkout_status_is_failure(client, database, worker, providers, tercc, unique):
     """A checkout that ends with an error result is reported as FAILURE, as ETOS suite runners expect."""
+    register_definition(database, {"log": {"id": f"no-logs-{unique}", "list": {"possible": [], "available": []}}})
     body = configure_body(tercc["meta"]["id"], providers, tercc)
-    body["dataset"] = {**EXAMPLE_DATASET, "maximum_amount": 0}
+    body["log_area_provider"] = f"no-logs-{unique}"
     assert client.post("/configure", json=body).status_code == 200
     task_id = client.post("/", json={"suite_id": tercc["meta"]["id"], "suite_runner_ids": []}).json()["data"]["id"]
 
     status = wait_for_task(client, task_id)
 
     assert status["status"] == "FAILURE"
-    assert "maximum_amount" in status["result"]["error"]
+    assert "no possible log areas" in status["result"]["error"]
     assert sub_suite_keys(database, tercc["meta"]["id"]) == []
+
+
+def test_configure_rejects_unusable_maximum_amount(client, database, providers, tercc):
+    body = configure_body(tercc["meta"]["id"], providers, tercc)
+    body["dataset"] = {**EXAMPLE_DATASET, "maximum_amount": 0}
+
+    response = client.post("/configure", json=body)
+
+    assert response.status_code == 422
+    assert response.json()["field"] == "dataset"
+    assert "maximum_amount=0" in response.json()["error"]
+    assert database.keys_prefix(keys.testrun(tercc["meta"]["id"])) == []
 
 
 # Server-sent events.

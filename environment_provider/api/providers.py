@@ -13,7 +13,7 @@ from fastapi import APIRouter, Query, Response
 
 from .. import keys
 from ..collection import InvalidTestCollectionError, batches_of, parse_test_suites
-from ..errors import ConfigurationError
+from ..errors import ConfigurationError, TestrunCheckedOutError
 from ..keys import EXECUTION_SPACE, IUT, LOG_AREA, Kind
 from ..registry import (
     check_config,
@@ -187,9 +187,11 @@ def configure(body: ConfigureRequest, services: ServicesDependency, credentials:
             config=config,
             timeouts=timeouts,
         )
-    except ConfigurationError as error:
-        # Every field was checked above, so what is left is a testrun that still has checked-out environments.
+    except TestrunCheckedOutError as error:
         raise ApiError(409, str(error), "suite_id") from None
+    except ConfigurationError as error:
+        # Every other field was checked above; what is left is the dataset against the test suites (maximum_amount).
+        raise ApiError(422, str(error), "dataset") from None
     except InvalidTestCollectionError as error:
         raise ApiError(422, str(error), "tercc") from None
     except DocumentTooLargeError as error:

@@ -67,6 +67,7 @@ class ExternalProvider(Provider):
             raise ProviderError(self.id, stage, str(error)) from None
         headers = {"X-ETOS-ID": self.context.testrun_id}
         delay = FIRST_BACKOFF
+        reported = False
         while True:
             remaining = deadline - time.monotonic()
             attempt_timeout = max(min(self.context.settings.request_timeout, remaining), MIN_ATTEMPT_TIMEOUT)
@@ -83,6 +84,12 @@ class ExternalProvider(Provider):
                     "testrun %s: provider %r %s %s failed (%s); retrying in %.2f s",
                     self.context.testrun_id, self.id, method, url, error, min(delay, remaining),
                 )
+                if not reported:
+                    # Users watching the checkout would otherwise see nothing until the deadline.
+                    self.context.progress(
+                        f"provider {self.id!r} {stage} endpoint {url} failed ({error}); retrying until {deadline_source} runs out"
+                    )
+                    reported = True
                 time.sleep(min(delay, remaining))
                 delay = min(delay * 2, MAX_BACKOFF)
 
