@@ -745,6 +745,15 @@ def test_configure_without_token_is_unauthorized(token_client, database, provide
     assert database.keys_prefix(keys.testrun(tercc["meta"]["id"])) == []
 
 
+@pytest.mark.parametrize("body", [{}, [], "not json"], ids=["empty object", "array", "text"])
+def test_token_is_checked_before_the_body(token_client, body):
+    content = body if isinstance(body, str) else json.dumps(body)
+
+    response = token_client.post("/configure", content=content, headers={"Content-Type": "application/json"})
+
+    check_rejected(response, 401, "Authorization")
+
+
 def test_configure_with_token_is_allowed(token_client, providers, tercc):
     response = token_client.post(
         "/configure", json=configure_body(tercc["meta"]["id"], providers, tercc), headers={"Authorization": f"Bearer {TOKEN}"}

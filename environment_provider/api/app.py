@@ -15,7 +15,7 @@ from ..etcd import Database
 from ..settings import Settings
 from . import environment, events, health, providers
 from .errors import BodySizeLimit, install_error_handlers
-from .services import Services, create_celery
+from .services import Services, TokenFirst, create_celery
 from .startup import FolderRegistration
 
 LOGGER = logging.getLogger(__name__)
@@ -72,6 +72,7 @@ def create_app(settings: Settings) -> FastAPI:
     app.state.services = services
     install_error_handlers(app)
     app.add_middleware(BodySizeLimit, max_body_size=MAX_BODY_SIZE)
+    app.add_middleware(TokenFirst, token=settings.api_token)
     for module in (environment, providers, events, health):
         app.include_router(module.router)
     app.openapi = lambda: openapi_document(app)  # type: ignore[method-assign]

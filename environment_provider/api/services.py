@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import hmac
 from dataclasses import dataclass
-from typing import Annotated
+from typing import Annotated, Any
+from urllib.parse import parse_qs
 
 from celery import Celery
 from fastapi import Depends, Request
+from fastapi.responses import JSONResponse
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
 from ..etcd import Database
@@ -76,3 +78,46 @@ def require_token(services: Services, credentials: HTTPAuthorizationCredentials 
             "Authorization",
             headers={"WWW-Authenticate": 'Bearer error="invalid_token"'},
         )
+
+
+class TokenFirst:
+    """ASGI middleware: check the bearer token of write requests before their body is read or validated.
+
+    Without it, a request with neither token nor valid body would get a
+    validation error, which tells an unauthenticated caller about the body
+    it should send. `require_token` in the routes stays as a second check.
+    """
+
+    def __init__(self, app: Any, token: str | None) -> None:
+        self.app = app
+        self.token = token
+
+    @staticmethod
+    def protected(scope: dict[str, Any]) -> bool:
+        method, path = scope.get("method"), scope.get("path")
+        if method == "POST" and path in ("/register", "/configure"):
+            return True
+        if method == "GET" and path == "/":
+            query = parse_qs(scope.get("query_string", b"").decode(errors="replace"))
+            return "release" in query or "single_release" in query
+        return False
+
+    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+        if self.token and scope["type"] == "http" and self.protected(scope):
+            header = dict(scope.get("headers") or []).get(b"authorization", b"").decode(errors="replace")
+            scheme, _, value = header.partition(" ")
+            if scheme.lower() != "bearer" or not value:
+                message = "this request needs the header 'Authorization: Bearer <token>' with the token of ENVIRONMENT_PROVIDER_API_TOKEN"
+                challenge = "Bearer"
+            elif not hmac.compare_digest(value.strip().encode(), self.token.encode()):
+                message = "the bearer token is not the token of ENVIRONMENT_PROVIDER_API_TOKEN"
+                challenge = 'Bearer error="invalid_token"'
+            else:
+                await self.app(scope, receive, send)
+                return
+            response = JSONResponse(
+                status_code=401, content={"error": message, "field": "Authorization"}, headers={"WWW-Authenticate": challenge}
+            )
+            await response(scope, receive, send)
+            return
+        await self.app(scope, receive, send)
