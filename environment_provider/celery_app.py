@@ -24,7 +24,7 @@ app.conf.update(
     result_serializer="json",
     accept_content=["json"],
     result_expires=SETTINGS.testrun_ttl,
-    broker_transport_options={"visibility_timeout": int(SETTINGS.total_timeout) + 600},
+    broker_transport_options={"visibility_timeout": int(SETTINGS.visibility_timeout or SETTINGS.total_timeout + 600)},
     result_backend_transport_options={"retry_policy": {"timeout": 5.0}},
     broker_connection_retry_on_startup=True,
     worker_hijack_root_logger=False,

@@ -14,11 +14,12 @@ from .etcd import Database, StorageUnavailableError
 
 LOGGER = logging.getLogger(__name__)
 SECRET_PATTERN = re.compile(r"(?i)((?:password|passwd|token|secret|authorization)[\"']?\s*[:=]\s*[\"']?)([^\s\"',}]+)")
+URL_PASSWORD = re.compile(r"(://[^/\s:@]+:)[^/\s@]+@")
 
 
 def redact(text: str) -> str:
     """Mask values that follow words such as password or token."""
-    return SECRET_PATTERN.sub(r"\1***", text)
+    return URL_PASSWORD.sub(r"\1***@", SECRET_PATTERN.sub(r"\1***", text))
 
 
 def sequence_of(key: str) -> int:

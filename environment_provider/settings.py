@@ -61,6 +61,7 @@ class Settings:
     request_timeout: float = 10.0
     api_token: str | None = None
     sweep_interval: float = 300.0
+    visibility_timeout: float | None = None
     etcd_retries: int = 6
 
     @property
@@ -119,5 +120,6 @@ class Settings:
             request_timeout=_positive_float(env, "ENVIRONMENT_PROVIDER_REQUEST_TIMEOUT", 10),
             api_token=env.get("ENVIRONMENT_PROVIDER_API_TOKEN") or None,
             sweep_interval=_positive_float(env, "ENVIRONMENT_PROVIDER_SWEEP_INTERVAL", 300),
+            visibility_timeout=_positive_float(env, "ENVIRONMENT_PROVIDER_VISIBILITY_TIMEOUT", 0) or None,
             etcd_retries=int(_positive_float(env, "ENVIRONMENT_PROVIDER_ETCD_RETRIES", 6)),
         )

@@ -204,11 +204,16 @@ class Request(RecordedDataStructure):
         return None, data
 
     def _send(self, method: str, url: str, timeout: float, auth: Any, headers: dict[str, Any]) -> httpx.Response:
+        """Send the request; retry connection errors and 429/503 responses with backoff until `timeout` passes.
+
+        When the time is up, a 429 or 503 response is returned for the ruleset to judge.
+        """
         deadline = time.monotonic() + timeout
         delay = 0.05
+        shown = masked_url(url)
         while True:
             try:
-                return httpx.request(
+                response = httpx.request(
                     method,
                     url,
                     json=self.data.get("json"),
@@ -218,16 +223,38 @@ class Request(RecordedDataStructure):
                     auth=auth,
                     timeout=max(0.1, min(timeout, deadline - time.monotonic())),
                 )
+                if response.status_code not in RETRY_STATUSES or time.monotonic() + delay >= deadline:
+                    return response
+                reason = f"HTTP {response.status_code}"
             except (httpx.ConnectError, httpx.RemoteProtocolError) as error:
                 if time.monotonic() + delay >= deadline:
-                    raise ValueError(f"{method} {url} failed: {error}") from None
-                LOGGER.info("%s %s failed (%s); retrying in %.2f s", method, url, error, delay)
-                time.sleep(delay)
-                delay = min(delay * 2, 1.0)
+                    raise ValueError(f"{method} {shown} failed: {masked_text(str(error), url)}") from None
+                reason = masked_text(str(error), url)
             except httpx.TimeoutException:
-                raise ValueError(f"{method} {url} timed out after {timeout:g} s") from None
+                raise ValueError(f"{method} {shown} timed out after {timeout:g} s") from None
             except httpx.HTTPError as error:
-                raise ValueError(f"{method} {url} failed: {error}") from None
+                raise ValueError(f"{method} {shown} failed: {masked_text(str(error), url)}") from None
+            LOGGER.info("%s %s failed (%s); retrying in %.2f s", method, shown, reason, delay)
+            time.sleep(delay)
+            delay = min(delay * 2, 1.0)
+
+
+RETRY_STATUSES = (429, 503)
+
+
+def masked_url(url: str) -> str:
+    """Return `url` with the password of its user information replaced by ***."""
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    netloc = f"{parts.username or ''}:***@{parts.hostname or ''}" + (f":{parts.port}" if parts.port else "")
+    return parts._replace(netloc=netloc).geturl()
+
+
+def masked_text(text: str, url: str) -> str:
+    """Remove the password of `url` from `text`, such as an httpx error message that quotes the URL."""
+    password = urlsplit(url).password
+    return text.replace(password, "***") if password else text
 
 
 DATA_STRUCTURES = {
