@@ -405,7 +405,7 @@ class Checkout:
 
 
 def failure_result(error: BaseException) -> dict[str, Any]:
-    """The task result for a failed checkout: a one-line reason and details."""
+    """Build the task result for a failed checkout: a one-line reason and details."""
     reason = str(error).splitlines()[0] if str(error) else type(error).__name__
     return {"error": reason, "details": f"{type(error).__name__}: {error}"}
 

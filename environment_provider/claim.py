@@ -4,10 +4,10 @@ With a Redis broker, a task that runs longer than the visibility timeout is
 delivered to a second worker while the first still works, and a worker that
 dies has its task delivered again. The attempt that works on a testrun holds
 `/testrun/{testrun}/environment-provider/claim` on a short lease of its own,
-refreshed while it runs. A second attempt waits while the claim is alive:
-if the claim's attempt finishes the same task, the second exits without
-touching any provider; if the claim disappears without an outcome (its
-worker died), the second takes over.
+refreshed while it runs. A second attempt waits while the claim is alive.
+When the claim's attempt finishes the same task, the second touches no
+provider and returns the stored outcome. When the claim disappears without
+an outcome, because its worker died, the second takes over.
 """
 
 from __future__ import annotations
@@ -49,7 +49,7 @@ class TestrunClaim:
         )
 
     def acquire(self) -> bool:
-        """Take the claim if nobody holds it; return whether this attempt holds it now."""
+        """Take the claim unless another attempt has it; return whether this attempt has it now."""
         lease = self.database.grant_lease(self.ttl)
         if self.database.create(keys.claim(self.testrun_id), self.value(), lease=lease):
             self.lease = lease
