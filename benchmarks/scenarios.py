@@ -120,7 +120,7 @@ def latency(report: Report, stack: LocalStack, testruns: Testruns, repetitions: 
     floor = report.add(Figure(section, "floor: no-op round trip + etcd writes", "ms", milliseconds(floors)))
     report.ratios.append(("checkout / floor (medians)", checkout.median / floor.median))
 
-    # The CLI's checkout command waits with client.wait_for_result, which polls every 0.1 s by default.
+    # The CLI's checkout command waits with client.wait_for_result, which also reads progress events between waits.
     polled_times = []
     for testrun_id in [testruns.configure(1, 1) for _ in range(polled)]:
         started = time.perf_counter()
