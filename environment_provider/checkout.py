@@ -186,8 +186,24 @@ class Checkout:
             record(item)
             kept.append(item)
 
+        placeholders: list[str] = []
+
+        def record_request(placeholder: dict[str, Any]) -> None:
+            # A placeholder gets an environment id of its own, so that recording the real items never overwrites it.
+            key = keys.sub_suite_item(self.testrun_id, plan.suite_id, str(uuid.uuid4()), kind.key)
+            self.database.put(key, dumps(placeholder), lease=self.lease)
+            placeholders.append(key)
+
+        def forget_request() -> None:
+            if placeholders:
+                self.database.delete(*placeholders)
+                placeholders.clear()
+
         deadline, deadline_source = self.stage_deadline(kind, provider)
-        request = CheckoutRequest(minimum, maximum, deadline, values, record_once, deadline_source)
+        request = CheckoutRequest(
+            minimum, maximum, deadline, values, record_once, deadline_source,
+            record_request=record_request, forget_request=forget_request,
+        )  # fmt: skip
         try:
             items = provider.checkout(request)
         except PASSED_THROUGH:

@@ -17,6 +17,7 @@ from environment_provider.registry import configure_testrun, register_definition
 from environment_provider.release import sweep
 
 from conftest import EXAMPLE_CONFIG, EXAMPLE_DATASET
+from external_service import Behaviour, external  # noqa: F401 - `external` is a fixture
 from lab import LAB_PREPARE, LAB_PROVIDER
 
 
@@ -131,3 +132,25 @@ def test_unreachable_etcd_fails_after_retries(stack, app):
         stack.stop_worker(worker)
 
     assert value["error"].startswith("etcd is not reachable at 127.0.0.1:9")
+
+
+def test_killed_worker_during_external_request_leaks_nothing(configure, app, database, worker, tercc, external, unique):
+    service = external("iut", Behaviour(pending_seconds=2))
+    register_definition(database, service.definition(f"slow-external-{unique}"))
+    tercc["data"]["batches"] = tercc["data"]["batches"][1:]
+    testrun_id = configure(tercc, iut=f"slow-external-{unique}")
+    result = app.send_task("EnvironmentProvider", args=[testrun_id, []])
+
+    holder = wait_for(lambda: database.get(keys.claim(testrun_id)), 20, "the claim")
+    wait_for(
+        lambda: any("external_request_id" in value for value in database.get_prefix(keys.suites_prefix(testrun_id)).values()),
+        20,
+        "the placeholder of the pending request",
+    )
+    os.kill(json.loads(holder)["pid"], signal.SIGKILL)
+    value = result.get(timeout=90)
+
+    assert value["error"] is None
+    held = sorted(sub["iut"]["id"] for suite in value["suites"] for sub in suite["sub_suites"])
+    assert sorted(service.state.checked_out) == held
+    assert len(service.state.stopped) == 2

@@ -94,6 +94,12 @@ class CheckoutRequest:
     values: dict[str, Any] = field(default_factory=dict)
     record: Callable[[dict[str, Any]], None] = lambda item: None
     deadline_source: str = "the timeout"
+    # A provider whose peer allocates items later, after the checkout call returned an id, records a
+    # placeholder for that request with `record_request` and removes it with `forget_request` once the
+    # request has ended either way. A worker that dies in between leaves the placeholder, and the next
+    # release passes it to `checkin` so the provider can collect and give back what the request allocated.
+    record_request: Callable[[dict[str, Any]], None] = lambda placeholder: None
+    forget_request: Callable[[], None] = lambda: None
 
     def seconds_left(self) -> float:
         return max(0.0, self.deadline - time.monotonic())

@@ -32,6 +32,8 @@ from .rulesets import check_allowed
 
 LOGGER = logging.getLogger(__name__)
 RETRY_STATUSES = (429, 503)
+# Key of the placeholder item that stands for a started request until its items are collected.
+PENDING_REQUEST = "external_request_id"
 FIRST_BACKOFF = 0.05
 MAX_BACKOFF = 2.0
 MIN_ATTEMPT_TIMEOUT = 0.1
@@ -132,7 +134,15 @@ class ExternalProvider(Provider):
             raise ProviderError(self.id, "start", f"the response has no 'id': {started!r}"[:300])
         LOGGER.info("testrun %s: provider %r started request %s", self.context.testrun_id, self.id, request_id)
 
-        items = [dict(item, provider_id=self.id) for item in self._wait_until_done(str(request_id), request)]
+        request.record_request({PENDING_REQUEST: str(request_id), "provider_id": self.id})
+        try:
+            return self._collect(str(request_id), request)
+        finally:
+            request.forget_request()
+
+    def _collect(self, request_id: str, request: CheckoutRequest) -> list[dict[str, Any]]:
+        """Wait for a started request; keep and record up to the maximum and stop the rest."""
+        items = [dict(item, provider_id=self.id) for item in self._wait_until_done(request_id, request)]
         if len(items) < request.minimum:
             self._stop_quietly(items)
             raise NoItemsError(
@@ -225,11 +235,53 @@ class ExternalProvider(Provider):
             self.context.progress(f"could not stop {len(items)} unused {self.kind.label}s: {error}")
 
     def checkin(self, item: dict[str, Any]) -> None:
-        self._stop([item])
+        if PENDING_REQUEST in item:
+            self._stop_abandoned(item)
+        else:
+            self._stop([item])
 
     def checkin_all(self, items: list[dict[str, Any]]) -> list[tuple[dict[str, Any], ProviderError]]:
+        failures: list[tuple[dict[str, Any], ProviderError]] = []
+        placeholders = [item for item in items if PENDING_REQUEST in item]
+        for placeholder in placeholders:
+            try:
+                self._stop_abandoned(placeholder)
+            except ProviderError as error:
+                failures.append((placeholder, error))
+        real = [item for item in items if PENDING_REQUEST not in item]
         try:
-            self._stop(items)
+            self._stop(real)
         except ProviderError as error:
-            return [(item, error) for item in items]
-        return []
+            failures += [(item, error) for item in real]
+        return failures
+
+    def _stop_abandoned(self, placeholder: dict[str, Any]) -> None:
+        """Stop what a request allocated for a checkout attempt whose worker died before it was collected.
+
+        Raises CheckinError while the request is still PENDING, so that its
+        key is kept and a later release tries again.
+        """
+        request_id = placeholder[PENDING_REQUEST]
+        timeout = self.context.settings.request_timeout
+        deadline = time.monotonic() + timeout
+        delay = FIRST_BACKOFF
+        while True:
+            try:
+                response = self._send("status", "GET", deadline, f"the status timeout of {timeout:g} s", params={"id": request_id})
+            except RetriesExhaustedError as error:
+                raise CheckinError(self.id, "status", str(error)) from None
+            status = self._json("status", response)
+            state = status.get("status") if isinstance(status, dict) else None
+            if state != "PENDING":
+                break
+            if time.monotonic() + delay >= deadline:
+                raise CheckinError(
+                    self.id, "status", f"request {request_id} of an abandoned checkout is still PENDING; release again later"
+                )
+            time.sleep(delay)
+            delay = min(delay * 2, MAX_BACKOFF)
+        if state == "DONE":
+            items = status.get(self.kind.external_key)
+            if isinstance(items, list) and items:
+                self._stop([dict(item) for item in items if isinstance(item, dict)])
+        LOGGER.info("testrun %s: provider %r request %s of an abandoned checkout ended %s", self.context.testrun_id, self.id, request_id, state)
