@@ -37,14 +37,16 @@ class UsageError(Exception):
 
 
 def read_json_argument(value: str, what: str) -> Any:
-    """Parse `value` as inline JSON, or as the path of a JSON file."""
-    text = value.strip()
-    if text.startswith(("{", "[")):
-        return parse_json(text, what)
+    """Parse `value` as the path of a JSON file when such a file exists, else as inline JSON."""
     path = Path(value)
-    if not path.is_file():
-        raise UsageError(f"{what} {value!r} is neither inline JSON nor an existing file")
-    return parse_json(path.read_bytes(), f"{what} {value}")
+    if not value.strip().startswith(("{", "[")) and path.is_file():
+        return parse_json(path.read_bytes(), f"{what} {value}")
+    try:
+        return parse_json(value, what)
+    except InvalidDocumentError as error:
+        if value.strip().startswith(("{", "[")):
+            raise
+        raise UsageError(f"{what} {value!r} is neither an existing file nor valid JSON ({error})") from None
 
 
 def parse_timeouts(values: list[str]) -> dict[str, float]:

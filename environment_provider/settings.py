@@ -88,6 +88,8 @@ class Settings:
             endpoints = tuple(parse_endpoint(text) for text in endpoints_text)
         else:
             port_text = env.get("ETOS_ETCD_PORT", "2379")
+            if not port_text.isdigit() or not 0 < int(port_text) < 65536:
+                raise SettingsError(f"ETOS_ETCD_PORT={port_text!r} is not a port number; set it to 1-65535, for example 2379")
             endpoints = (parse_endpoint(f"{env.get('ETOS_ETCD_HOST', 'localhost')}:{port_text}"),)
 
         broker_url = env.get("CELERY_BROKER_URL", "redis://localhost:6379/0")

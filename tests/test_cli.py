@@ -70,3 +70,15 @@ def test_cli_invalid_dataset_json_is_named(tercc, tmp_path):
 
     assert completed.returncode == 1
     assert "--dataset is not valid JSON" in completed.stderr
+
+
+def test_cli_dataset_that_is_not_an_object_is_named(tercc, providers, tmp_path):
+    (tmp_path / "tercc.json").write_text(json.dumps(tercc))
+
+    completed = run_cli(
+        "configure", "--tercc", str(tmp_path / "tercc.json"), "--iut", providers["iut"],
+        "--execution-space", providers["execution-space"], "--log-area", providers["log-area"], "--dataset", "5",
+    )  # fmt: skip
+
+    assert completed.returncode == 1
+    assert "the dataset must be a JSON object" in completed.stderr

@@ -69,3 +69,8 @@ def test_result_backend_defaults_to_broker():
     settings = Settings.from_environment({"CELERY_BROKER_URL": "redis://127.0.0.1:7000/1"})
 
     assert settings.result_backend == "redis://127.0.0.1:7000/1"
+
+
+def test_settings_name_bad_etcd_port():
+    with pytest.raises(SettingsError, match="ETOS_ETCD_PORT='abc' is not a port number"):
+        Settings.from_environment({"ETOS_ETCD_PORT": "abc"})
