@@ -86,7 +86,7 @@ def stored_outcome(database: Database, testrun_id: str) -> dict[str, Any] | None
     """Rebuild the result of an attempt that ran to the end from etcd, or return None once the testrun is released.
 
     A worker that dies after its attempt ran to the end, but before Celery
-    stored the result, leaves the task without a result; the next delivery of
+    stored the result, leaves the task without a result. The next delivery of
     the task returns this one instead. A sub-suite released on its own since
     is missing from it.
     """

@@ -1,7 +1,7 @@
 """The checkout of a testrun: IUTs, execution spaces and log areas into one sub-suite per IUT.
 
 Every item is written to its sub-suite key as soon as its provider returns
-it, so a release (by this task on failure, or by whoever comes after a crash)
+it, so a release (by this task on failure, or by the next attempt after a crash)
 finds and checks in everything. The sub-suite JSON itself and the
 backward-compatible `/environment/{environment}/` keys are written last, in
 one transaction per sub-suite, so a reader of `.../suite` sees a complete
@@ -27,7 +27,7 @@ from .errors import ConfigurationError, EnvironmentProviderError, NoItemsError, 
 from .etcd import Database, StorageUnavailableError
 from .events import ProgressLog
 from .keys import EXECUTION_SPACE, IUT, LOG_AREA, Kind
-from .providers.base import CheckoutRequest, Provider, ProviderContext
+from .providers.base import CheckoutRequest, Provider
 from .providers.jsontas import JsontasProvider
 from .providers.loader import create_provider
 from .registry import TestrunConfiguration, check_dataset, dumps, iut_bounds, update_record
@@ -96,23 +96,10 @@ class Checkout:
         datasets = dataset if isinstance(dataset, list) else [dataset] * len(suites)
         plans = [SuitePlan(suite, suite_id, suite_dataset) for suite, suite_id, suite_dataset in zip(suites, suite_ids, datasets)]
         for plan in plans:
-            context = self.provider_context(plan.dataset)
+            context = self.configuration.provider_context(self.settings, plan.dataset, self.progress.message)
             for kind in (IUT, EXECUTION_SPACE, LOG_AREA):
                 plan.providers[kind.key] = create_provider(kind, self.configuration.provider_definition(kind), context)
         return plans
-
-    def provider_context(self, dataset: dict[str, Any]) -> ProviderContext:
-        config = self.configuration.config
-        return ProviderContext(
-            testrun_id=self.testrun_id,
-            settings=self.settings,
-            dataset=dataset,
-            identity=config.get("identity", ""),
-            artifact_id=config.get("artifact_id", ""),
-            context=config.get("context", ""),
-            tercc=self.configuration.tercc,
-            progress=self.progress.message,
-        )
 
     def stage_deadline(self, kind: Kind, provider: Provider) -> tuple[float, str]:
         """Return the earlier of the kind's timeout from now and the total deadline, and which of the two it is."""
@@ -326,8 +313,8 @@ class Checkout:
         """Check out exactly one execution space or log area for one environment.
 
         With `pending`, the item's key is added there for the caller's next
-        transaction instead of being written at once; if the checkout fails
-        after the item was returned, it is written before the error is raised.
+        transaction instead of being written at once. If the checkout fails
+        after the item was returned, the item is written before the error is raised.
         """
         key = keys.sub_suite_item(self.testrun_id, plan.suite_id, environment_id, kind.key)
 

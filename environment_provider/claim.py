@@ -67,7 +67,7 @@ class TestrunClaim:
             self.lease = 0
 
     def finished(self) -> bool:
-        """Tell whether an attempt of this same task already ran to the end (the testrun record says so)."""
+        """Tell whether an attempt of this same task already ran to the end (as the testrun record shows)."""
         text = self.database.get(keys.testrun(self.testrun_id))
         record = json.loads(text) if text else {}
         return self.task_id is not None and record.get("task_id") == self.task_id and record.get("status") in TERMINAL_STATUSES
@@ -75,7 +75,7 @@ class TestrunClaim:
     def wait(self, deadline: float) -> str:
         """Wait until the claim can be taken.
 
-        Returns `acquired` (this attempt holds the claim), `finished` (another
+        Returns `acquired` (this attempt has the claim), `finished` (another
         attempt of the same task ran to the end, so this one must not touch
         any provider) or `timeout`.
         """

@@ -33,7 +33,7 @@ USER_ERRORS = (
 
 
 class UsageError(Exception):
-    """A command-line value is wrong; the message says which and how to fix it."""
+    """A command-line value is wrong; the message names the value and how to fix it."""
 
 
 def read_json_argument(value: str, what: str) -> Any:

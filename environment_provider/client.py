@@ -33,7 +33,7 @@ def broker_error(settings: Settings, error: Exception) -> BrokerUnavailableError
 
 
 def check_broker(app: Celery, settings: Settings, timeout: float = 2.0) -> None:
-    """Raise BrokerUnavailableError unless the broker and the result backend answer within `timeout` seconds."""
+    """Raise BrokerUnavailableError unless the broker and the result backend respond within `timeout` seconds."""
     try:
         with app.connection_for_write() as connection:
             connection.ensure_connection(max_retries=1, interval_start=0, timeout=timeout)

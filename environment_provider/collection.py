@@ -14,7 +14,7 @@ MAX_RECIPES = 100_000
 
 
 class InvalidTestCollectionError(ValueError):
-    """The TERCC or its test collection cannot be used; the message says why and where."""
+    """The TERCC or its test collection cannot be used; the message gives the reason and the JSON path."""
 
 
 @dataclass

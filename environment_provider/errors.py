@@ -4,7 +4,7 @@ from __future__ import annotations
 
 
 class EnvironmentProviderError(Exception):
-    """Base class: the message is one line that says what failed, on which value, and what to do."""
+    """Base class: the message is one line that names what failed, on which value, and what to do."""
 
 
 class ConfigurationError(EnvironmentProviderError):

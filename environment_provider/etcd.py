@@ -222,7 +222,7 @@ class Database:
 
     @_translate_errors
     def check(self) -> None:
-        """Raise StorageUnavailableError unless etcd answers."""
+        """Raise StorageUnavailableError unless etcd responds."""
         self.client.status()
 
 

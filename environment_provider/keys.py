@@ -245,5 +245,5 @@ def environment_suite(environment_id: str) -> str:
 
 
 def environment_suite_legacy(environment_id: str) -> str:
-    """The reference table's spelling of `environment_suite`, read as a fallback only."""
+    """Return the legacy `suite-idi` spelling of `environment_suite`, read as a fallback only."""
     return environment_prefix(environment_id) + "suite-idi"

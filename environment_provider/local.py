@@ -116,7 +116,7 @@ class LocalStack:
         return f"redis://127.0.0.1:{self.redis_port}/0"
 
     def environment(self) -> dict[str, str]:
-        """The settings that point the product at this stack."""
+        """Return the settings that point the product at this stack."""
         env = {
             "ETOS_ETCD_HOST": "127.0.0.1",
             "ETOS_ETCD_PORT": str(self.etcd_port),

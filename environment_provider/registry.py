@@ -7,7 +7,7 @@ import logging
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from packageurl import PackageURL
 
@@ -16,6 +16,7 @@ from .collection import InvalidTestCollectionError, TestSuite, check_tercc, pars
 from .errors import ConfigurationError, TestrunCheckedOutError
 from .etcd import Database
 from .keys import KINDS, KINDS_BY_DEFINITION_KEY, TIMEOUT_KINDS, InvalidIdError, Kind
+from .providers.base import ProviderContext
 from .providers.loader import provider_class
 from .settings import Settings
 from .validation import InvalidDocumentError, check_stored_size, parse_json, validate
@@ -134,9 +135,26 @@ class TestrunConfiguration:
     last_event: int = 0
 
     def provider_definition(self, kind: Kind) -> dict[str, Any]:
-        """The inner definition (`id`, `type`, stages) of the chosen provider of `kind`."""
+        """Return the inner definition (`id`, `type`, stages) of the chosen provider of `kind`."""
         definition = self.providers[kind.key]
         return definition[kind.definition_key]
+
+    def provider_context(
+        self, settings: Settings, dataset: dict[str, Any], progress: Callable[[str], None] | None = None
+    ) -> ProviderContext:
+        """Build what a provider of this testrun may know, for one test suite's `dataset`."""
+        context = ProviderContext(
+            testrun_id=self.testrun_id,
+            settings=settings,
+            dataset=dataset,
+            identity=self.config.get("identity", ""),
+            artifact_id=self.config.get("artifact_id", ""),
+            context=self.config.get("context", ""),
+            tercc=self.tercc,
+        )
+        if progress is not None:
+            context.progress = progress
+        return context
 
     def timeout(self, kind: str, settings: Settings) -> float:
         return self.timeouts.get(kind, settings.default_timeout(kind))
@@ -343,8 +361,8 @@ def update_record(
 ) -> dict[str, Any]:
     """Merge `changes` into the testrun record and store it.
 
-    Pass the `record` the caller holds (it is updated in place) to save reading it first; only
-    the task that holds the testrun's claim may do that.
+    Pass the `record` the caller already read (it is updated in place) to save reading it again.
+    Only the task that has the testrun's claim may do that.
     """
     if record is None:
         text = database.get(keys.testrun(testrun_id))

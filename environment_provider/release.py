@@ -12,7 +12,7 @@ from . import keys
 from .errors import ConfigurationError, ProviderError
 from .etcd import Database
 from .keys import EXECUTION_SPACE, IUT, LOG_AREA, Kind
-from .providers.base import Provider, ProviderContext, describe_item
+from .providers.base import Provider, describe_item
 from .providers.loader import create_provider
 from .registry import TestrunConfiguration, load_configuration, update_record
 from .settings import Settings
@@ -24,7 +24,7 @@ MAX_RELEASE_THREADS = 16
 
 @dataclass
 class ReleaseReport:
-    """What a release did: environments released, items that failed to check in, and what was not found."""
+    """Outcome of a release: environments released, items that failed to check in, and what was not found."""
 
     released: list[str] = field(default_factory=list)
     failures: list[str] = field(default_factory=list)
@@ -54,16 +54,7 @@ def suite_dataset(configuration: TestrunConfiguration, suite_id: str) -> dict[st
 
 
 def provider_for(configuration: TestrunConfiguration, settings: Settings, kind: Kind, dataset: dict[str, Any]) -> Provider:
-    config = configuration.config
-    context = ProviderContext(
-        testrun_id=configuration.testrun_id,
-        settings=settings,
-        dataset=dataset,
-        identity=config.get("identity", ""),
-        artifact_id=config.get("artifact_id", ""),
-        context=config.get("context", ""),
-        tercc=configuration.tercc,
-    )
+    context = configuration.provider_context(settings, dataset)
     return create_provider(kind, configuration.provider_definition(kind), context)
 
 

@@ -12,7 +12,7 @@ from typing import Mapping
 
 
 class SettingsError(ValueError):
-    """An environment variable holds a value that cannot be used."""
+    """An environment variable contains a value that cannot be used."""
 
 
 def _positive_float(environ: Mapping[str, str], name: str, default: float) -> float:

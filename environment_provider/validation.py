@@ -62,7 +62,7 @@ def check_bounds(document: Any, what: str) -> None:
 
 
 def check_stored_size(size: int, what: str, hint: str) -> None:
-    """Reject a value of `size` bytes that etcd would refuse to store; `hint` says what to do instead."""
+    """Reject a value of `size` bytes that etcd would refuse to store; `hint` tells the user what to do instead."""
     if size > MAX_STORED_BYTES:
         raise DocumentTooLargeError(
             f"{what} is too large: {size} bytes as JSON, more than the limit of {MAX_STORED_BYTES} bytes that etcd "

@@ -64,7 +64,7 @@ def test_unknown_provider_type_lists_known_types(database):
         register_definition(database, definition)
 
 
-def test_cli_register_writes_nothing_when_one_file_is_invalid(database, tmp_path, unique):
+def test_cli_register_all_or_nothing(database, tmp_path, unique):
     good = load_definition("iut/static-devices.json", f"good-{unique}")
     (tmp_path / "good.json").write_text(json.dumps(good))
     (tmp_path / "bad.json").write_text('{"iut": {"id": "x"')

@@ -72,7 +72,7 @@ def test_cli_invalid_dataset_json_is_named(tercc, tmp_path):
     assert "--dataset is not valid JSON" in completed.stderr
 
 
-def test_cli_dataset_that_is_not_an_object_is_named(tercc, providers, tmp_path):
+def test_cli_rejects_non_object_dataset(tercc, providers, tmp_path):
     (tmp_path / "tercc.json").write_text(json.dumps(tercc))
 
     completed = run_cli(

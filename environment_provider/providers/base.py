@@ -74,7 +74,7 @@ class ProviderContext:
         return dict(self.identity_fields)
 
     def settings_environment(self) -> dict[str, str]:
-        """The process environment variables the operator allowed rulesets to read."""
+        """Return the process environment variables the operator allowed rulesets to read."""
         return {name: os.environ[name] for name in self.settings.environment_allowlist if name in os.environ}
 
 
@@ -82,7 +82,7 @@ class ProviderContext:
 class CheckoutRequest:
     """One checkout call: how many items, until when, and extra dataset values.
 
-    `values` holds what the rulesets see beyond the context, such as
+    `values` contains what the rulesets see beyond the context, such as
     `test_runner`, `iut`, `environment_id` and `suite_id`. `deadline_source`
     names the timeout that set `deadline`, for error messages, for example
     "the 'iut' timeout of 60 s".
@@ -123,7 +123,7 @@ class Provider:
 
     @property
     def reserves_items(self) -> bool:
-        """Whether a checkout holds something on a peer that a check-in must give back.
+        """Tell whether a checkout reserves something on a peer that a check-in must give back.
 
         When False (a static list, say), the environment provider may record
         the items of one checkout in batches. Defaults to True.

@@ -7,8 +7,8 @@ explicit timeout, retries connection errors with short backoff, and honours
 the operator's host allowlist. Lookups of names that start with `_` are
 blocked, so a ruleset cannot walk from a value into Python internals.
 
-JSONTas swallows exceptions raised inside data structures (it logs them and
-leaves the `$key` in place); the data structures here also record their
+JSONTas swallows exceptions raised inside data structures: it logs them and
+leaves the `$key` in place. So the data structures here also record their
 errors on the dataset, and `evaluate` raises RulesetError when any did.
 """
 
